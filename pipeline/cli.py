@@ -15,7 +15,9 @@ import sys
 from pipeline import __version__
 
 # Subcommand name -> module in pipeline.commands. Keep sorted by the order a user meets them.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "submit": "submit",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
