@@ -2,6 +2,7 @@
 # Sets up a virtual environment (idempotent) and runs the main job or the tests.
 #   bash run.sh demo [pomvid demo options]   # set up, then run the end-to-end demo
 #   bash run.sh test [pytest options]        # set up, then run the test suite
+#   bash run.sh setup                        # only set up (what infra/docker/Dockerfile runs)
 set -euo pipefail
 cd "$(dirname "$0")"
 venv="${POMVID_VENV:-.venv}"
@@ -22,5 +23,6 @@ what="${1:-}"; shift || true
 case "$what" in
   demo) exec pomvid demo "$@" ;;
   test) exec python -m pytest "$@" ;;
-  *) echo "usage: bash run.sh demo|test [options]" >&2; exit 2 ;;
+  setup) echo "pomvid is installed in $venv" ;;
+  *) echo "usage: bash run.sh demo|test|setup [options]" >&2; exit 2 ;;
 esac
