@@ -1,0 +1,255 @@
+"""The latent loader: bucketed, deterministic, data-parallel batches from precomputed shards.
+
+`LatentDataset(root)` indexes the samples of a finished precompute output from manifest.json alone
+(per-shard bucket counts; rows are sorted by bucket inside a shard) and reads one row at a time,
+memory-mapped, when a sample is asked for.
+
+`LatentLoader` turns it into batches. Per epoch, the plan is a fixed list of *global* batches, each
+from one bucket: every bucket's samples are shuffled with a generator seeded by (seed, epoch, bucket),
+cut into global batches, and the batches are shuffled (seed, epoch). DP rank r of D gets the r-th
+slice of each global batch. The plan depends on (seed, epoch, global batch size, dataset) only, not
+on D, so the position in it, counted in samples consumed globally, survives a change of DP size as
+long as the global batch size stays fixed. Sequence-parallel ranks of one group build their loader
+with the same DP coordinates and therefore read the same samples.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.data.shards import ShardError, bytes_to_tensor, read_output_manifest
+
+STATE_VERSION = 1
+
+
+class LatentDataset:
+    """Samples of a precompute output folder; `dataset[i]` reads sample i lazily."""
+
+    def __init__(self, root: str | Path, *, max_open_files: int = 64):
+        self.root = Path(root)
+        manifest = read_output_manifest(self.root)
+        if manifest is None:
+            raise ShardError(f"{self.root}: no manifest.json; is this a `pomvid precompute` output folder?")
+        if manifest.get("status") != "complete":
+            raise ShardError(
+                f"{self.root}/manifest.json: status {manifest.get('status')!r}, the precompute run did not "
+                "finish; run the same precompute command again to complete it"
+            )
+        self.manifest = manifest
+        self.bucket_keys: list[str] = [b["key"] for b in manifest["buckets"]]
+        self.shard_files: list[Path] = [self.root / s["file"] for s in manifest["shards"]]
+        shard_of, row_of, bucket_of = [], [], []
+        for s, shard in enumerate(manifest["shards"]):
+            counts = shard.get("buckets", {})
+            unknown = set(counts) - set(self.bucket_keys)
+            if unknown or sum(counts.values()) != shard["rows"]:
+                raise ShardError(
+                    f"{self.root}/manifest.json: shard {shard['file']} has bucket counts {counts} that do not "
+                    f"match its {shard['rows']} rows or the bucket table; run precompute again with --overwrite"
+                )
+            row = 0
+            for b, key in enumerate(self.bucket_keys):  # rows are sorted by bucket-table order
+                n = counts.get(key, 0)
+                shard_of += [s] * n
+                row_of += range(row, row + n)
+                bucket_of += [b] * n
+                row += n
+        self._shard_of = np.asarray(shard_of, dtype=np.int64)
+        self._row_of = np.asarray(row_of, dtype=np.int64)
+        self._bucket_of = np.asarray(bucket_of, dtype=np.int64)
+        self._by_bucket = {
+            key: idx for b, key in enumerate(self.bucket_keys) if len(idx := np.flatnonzero(self._bucket_of == b))
+        }
+        self._max_open = max_open_files
+        self._files: OrderedDict[int, tuple] = OrderedDict()
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self._shard_of)
+
+    def bucket_indices(self) -> dict[str, np.ndarray]:
+        """Bucket key -> sorted indices of its samples (buckets without samples are left out)."""
+        return dict(self._by_bucket)
+
+    def fingerprint(self) -> str:
+        """Identifies the sample index (shards, their rows and buckets): a resume must see the same one."""
+        shards = [(s["file"], s["rows"], sorted(s.get("buckets", {}).items())) for s in self.manifest["shards"]]
+        return hashlib.sha256(json.dumps([self.bucket_keys, shards]).encode()).hexdigest()[:16]
+
+    def _open(self, s: int):
+        if os.getpid() != self._pid:  # forked (DataLoader worker): file handles must not be shared
+            self._files.clear()
+            self._pid = os.getpid()
+        if s in self._files:
+            self._files.move_to_end(s)
+            return self._files[s]
+        try:
+            pf = pq.ParquetFile(self.shard_files[s], memory_map=True)
+        except OSError as err:
+            raise ShardError(f"{self.shard_files[s]}: cannot open shard ({err}); run precompute again") from err
+        starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]).tolist()
+        self._files[s] = (pf, starts)
+        if len(self._files) > self._max_open:
+            self._files.popitem(last=False)
+        return self._files[s]
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range for a dataset of {len(self)}")
+        s, row = int(self._shard_of[index]), int(self._row_of[index])
+        pf, starts = self._open(s)
+        group = bisect.bisect_right(starts, row) - 1
+        table = pf.read_row_group(group)
+        r = row - starts[group]
+        get = lambda name: table.column(name)[r]  # noqa: E731
+        key = self.bucket_keys[self._bucket_of[index]]
+        if get("bucket").as_py() != key:
+            raise ShardError(
+                f"{self.shard_files[s]} row {row}: bucket {get('bucket').as_py()!r}, manifest.json says {key!r}; "
+                "the output was modified after precompute, run precompute again with --overwrite"
+            )
+        length, dim = get("text_length").as_py(), get("text_dim").as_py()
+        return {
+            "index": index,
+            "id": get("id").as_py(),
+            "caption": get("caption").as_py(),
+            "bucket": key,
+            "latent": bytes_to_tensor(get("latent").as_buffer(), get("latent_shape").as_py(), get("latent_dtype").as_py()),
+            "text": bytes_to_tensor(get("text").as_buffer(), (length, dim), get("text_dtype").as_py()),
+        }
+
+    @staticmethod
+    def collate(samples: list[dict]) -> dict:
+        """Stack samples of one bucket; text padded to the longest in the batch, with a bool mask."""
+        latents = torch.stack([s["latent"] for s in samples])  # (B, C, T, H, W)
+        dim = samples[0]["text"].shape[1]
+        longest = max(1, max(s["text"].shape[0] for s in samples))  # at least one (masked) token
+        text = torch.zeros(len(samples), longest, dim)  # (B, L, D)
+        mask = torch.zeros(len(samples), longest, dtype=torch.bool)  # (B, L)
+        for i, s in enumerate(samples):
+            n = s["text"].shape[0]
+            text[i, :n] = s["text"]
+            mask[i, :n] = True
+        return {
+            "latents": latents,
+            "text": text,
+            "text_mask": mask,
+            "ids": [s["id"] for s in samples],
+            "captions": [s["caption"] for s in samples],
+            "bucket": samples[0]["bucket"],
+            "indices": [s["index"] for s in samples],
+        }
+
+
+class LatentLoader:
+    """Batches for one data-parallel rank; see the module docstring for the sampling plan.
+
+    `batch_size` is the per-rank batch; the global batch is batch_size * dp_size and must stay the same
+    when a run resumes with another dp_size (pass batch_size = global // dp_size).
+    Iterating yields the rest of the current epoch, then moves to the next epoch.
+    """
+
+    def __init__(self, dataset: LatentDataset, *, batch_size: int, dp_rank: int, dp_size: int, seed: int,
+                 drop_last: bool = True):
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size={batch_size}: the per-rank batch must be at least 1")
+        if int(dp_size) < 1 or not 0 <= int(dp_rank) < int(dp_size):
+            raise ValueError(f"dp_rank={dp_rank}, dp_size={dp_size}: need dp_size >= 1 and 0 <= dp_rank < dp_size")
+        if int(seed) < 0:
+            raise ValueError(f"seed={seed}: use a non-negative integer")
+        self.dataset = dataset
+        self.batch_size, self.dp_rank, self.dp_size = int(batch_size), int(dp_rank), int(dp_size)
+        self.seed, self.drop_last = int(seed), bool(drop_last)
+        self.global_batch_size = self.batch_size * self.dp_size
+        self.epoch = 0
+        self._consumed = 0  # samples consumed globally (all DP ranks) in self.epoch
+        self._plan_cache: tuple[int, list] | None = None
+        if len(self.plan(0)) == 0:
+            sizes = {k: len(v) for k, v in dataset.bucket_indices().items()}
+            raise ValueError(
+                f"no bucket holds a full global batch of {self.global_batch_size} (bucket sizes {sizes}); "
+                "lower the batch size or pass drop_last=False"
+            )
+
+    def plan(self, epoch: int) -> list[tuple[str, np.ndarray]]:
+        """The epoch's global batches: (bucket key, global sample indices (global_batch_size,))."""
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
+        g = self.global_batch_size
+        batches = []
+        for b, (key, idx) in enumerate(self.dataset.bucket_indices().items()):
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, b]))
+            perm = idx[rng.permutation(len(idx))]
+            full = len(perm) // g
+            batches += [(key, perm[i * g:(i + 1) * g]) for i in range(full)]
+            if not self.drop_last and len(perm) % g:
+                # Fill the bucket's last batch by wrapping around its own permutation.
+                batches.append((key, np.resize(perm, (full + 1) * g)[full * g:]))
+        order = np.random.default_rng(np.random.SeedSequence([self.seed, epoch])).permutation(len(batches))
+        plan = [batches[i] for i in order]
+        self._plan_cache = (epoch, plan)
+        return plan
+
+    def __len__(self) -> int:
+        """Batches per epoch (the same on every rank)."""
+        return len(self.plan(self.epoch))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its beginning."""
+        self.epoch, self._consumed = int(epoch), 0
+
+    def local_indices(self, global_batch: np.ndarray) -> np.ndarray:
+        """This rank's slice of a global batch."""
+        return global_batch[self.dp_rank * self.batch_size:(self.dp_rank + 1) * self.batch_size]
+
+    def __iter__(self):
+        plan = self.plan(self.epoch)
+        for step in range(self._consumed // self.global_batch_size, len(plan)):
+            _key, indices = plan[step]
+            batch = self.dataset.collate([self.dataset[i] for i in self.local_indices(indices)])
+            self._consumed = (step + 1) * self.global_batch_size
+            yield batch
+        self.epoch, self._consumed = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        epoch, consumed = self.epoch, self._consumed
+        if consumed >= len(self.plan(epoch)) * self.global_batch_size:  # the epoch is over
+            epoch, consumed = epoch + 1, 0
+        return {
+            "version": STATE_VERSION,
+            "epoch": epoch,
+            "samples_consumed": consumed,
+            "global_batch_size": self.global_batch_size,
+            "seed": self.seed,
+            "drop_last": self.drop_last,
+            "dataset": self.dataset.fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r}, this code reads {STATE_VERSION}")
+        for name, mine in (("seed", self.seed), ("drop_last", self.drop_last), ("dataset", self.dataset.fingerprint())):
+            if state[name] != mine:
+                raise ValueError(
+                    f"loader state has {name}={state[name]!r} but this loader has {mine!r}; resume with the "
+                    "same seed, drop_last and latent dataset as the saved run"
+                )
+        if state["global_batch_size"] != self.global_batch_size:
+            raise ValueError(
+                f"loader state was saved with global batch {state['global_batch_size']}, this loader has "
+                f"{self.batch_size} x {self.dp_size} = {self.global_batch_size}; keep the global batch and "
+                f"pass batch_size = {state['global_batch_size']} // dp_size"
+            )
+        if state["samples_consumed"] % self.global_batch_size:
+            raise ValueError(f"samples_consumed={state['samples_consumed']} is not a whole number of global batches")
+        self.epoch, self._consumed = int(state["epoch"]), int(state["samples_consumed"])

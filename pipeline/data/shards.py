@@ -1,0 +1,327 @@
+"""The latent store: Parquet shards, manifest.json and errors/*.jsonl, each written atomically.
+
+Layout of an output folder (made by `pipeline.data.precompute.run_precompute`):
+
+    manifest.json            schema version, encoder fingerprints, latent scaling/shift, bucket table,
+                             settings, per-shard counts, totals ("status": "running" until the run ends)
+    shards/<unit_id>.parquet one per work unit; its existence marks the unit as finished (resume)
+    errors/<unit_id>.jsonl   one line per failed video of that unit (id, path, reason, message)
+
+Arrays are stored as raw little-endian bytes plus shape and dtype (never pickle). A shard's rows are
+sorted by bucket (in the order of the bucket table), then by clip order within the unit, so the
+manifest's per-shard bucket counts locate every row without opening the shard. Every row is its
+own Parquet row group, so a reader fetches one sample without decoding its neighbours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARDS_DIR = "shards"
+ERRORS_DIR = "errors"
+METADATA_KEY = b"pomvid"  # key of the shard's own metadata (JSON) in the Parquet schema metadata
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# bfloat16 has no numpy dtype: its bytes travel as int16 and are viewed back through torch.
+_NUMPY_CARRIER = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}
+_BLOB_COLUMNS = ("latent", "text")
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("caption", pa.string()),
+        ("latent", pa.binary()),
+        ("latent_shape", pa.list_(pa.int32())),
+        ("latent_dtype", pa.string()),
+        ("text", pa.binary()),
+        ("text_length", pa.int32()),
+        ("text_dim", pa.int32()),
+        ("text_dtype", pa.string()),
+        ("source_path", pa.string()),
+        ("source_row", pa.int64()),
+        ("clip_start", pa.float64()),
+        ("clip_end", pa.float64()),
+        ("fps", pa.float64()),
+        ("bucket", pa.string()),
+    ]
+)
+
+
+class ShardError(RuntimeError):
+    """An output folder, shard or manifest that cannot be read as written by precompute."""
+
+
+@dataclass(kw_only=True)
+class ShardRow:
+    """One encoded clip, as it goes into a shard."""
+
+    id: str
+    """Stable clip id (hash of source path, clip time and settings)."""
+    caption: str
+    """The caption the text embedding was made from."""
+    latent: np.ndarray | torch.Tensor
+    """VAE latents (C, T', H', W'), already scaled."""
+    text: np.ndarray | torch.Tensor
+    """Text embedding of the valid tokens only: (L, D)."""
+    source_path: str
+    """Absolute path of the source video."""
+    source_row: int
+    """Row of the video in the input manifest (or index in the folder)."""
+    clip_start: float
+    """Clip start in seconds within the source video."""
+    clip_end: float
+    """Clip end in seconds (exclusive) within the source video."""
+    fps: float
+    """Frame rate the clip was sampled at."""
+    bucket: str
+    """Bucket key "FRAMESxHEIGHTxWIDTH"."""
+
+
+def bucket_key(bucket) -> str:
+    """"FxHxW" for a `Bucket`-like object (frames, height, width) or a key string (returned as is)."""
+    if isinstance(bucket, str):
+        return bucket
+    return f"{bucket.frames}x{bucket.height}x{bucket.width}"
+
+
+def array_to_bytes(array: np.ndarray | torch.Tensor, dtype: str) -> bytes:
+    """Raw little-endian bytes of `array` cast to the storage dtype (float32, float16 or bfloat16)."""
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage dtype {dtype!r} is not one of {sorted(STORAGE_DTYPES)}")
+    tensor = torch.as_tensor(array).detach().to("cpu", STORAGE_DTYPES[dtype]).contiguous()
+    if dtype == "bfloat16":
+        tensor = tensor.view(torch.int16)
+    return tensor.numpy().astype(np.dtype(_NUMPY_CARRIER[dtype]).newbyteorder("<"), copy=False).tobytes()
+
+
+def bytes_to_tensor(buf: bytes | memoryview, shape, dtype: str) -> torch.Tensor:
+    """float32 tensor of `shape` from bytes written by `array_to_bytes` with `dtype`."""
+    if dtype not in STORAGE_DTYPES:
+        raise ShardError(f"stored dtype {dtype!r} is not one of {sorted(STORAGE_DTYPES)}; the shard is corrupt")
+    shape = tuple(int(s) for s in shape)
+    flat = np.frombuffer(buf, dtype=np.dtype(_NUMPY_CARRIER[dtype]).newbyteorder("<"))
+    if flat.size != int(np.prod(shape, dtype=np.int64)):
+        raise ShardError(f"{flat.size} stored values do not fill shape {shape}; the shard is corrupt")
+    tensor = torch.from_numpy(flat.astype(flat.dtype.newbyteorder("="), copy=True)).reshape(shape)
+    if dtype == "bfloat16":
+        tensor = tensor.view(torch.bfloat16)
+    return tensor.float()
+
+
+def shard_table(rows: list[ShardRow], *, storage_dtype: str, metadata: dict) -> pa.Table:
+    """A shard's table (rows in the given order) with `metadata` (JSON) in the schema metadata."""
+    columns: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
+    for row in rows:
+        latent, text = torch.as_tensor(row.latent), torch.as_tensor(row.text)
+        if latent.ndim != 4:
+            raise ValueError(f"clip {row.id}: latent must be (C, T, H, W), got shape {tuple(latent.shape)}")
+        if text.ndim != 2:
+            raise ValueError(f"clip {row.id}: text embedding must be (L, D), got shape {tuple(text.shape)}")
+        columns["id"].append(row.id)
+        columns["caption"].append(row.caption)
+        columns["latent"].append(array_to_bytes(latent, storage_dtype))
+        columns["latent_shape"].append(list(latent.shape))
+        columns["latent_dtype"].append(storage_dtype)
+        columns["text"].append(array_to_bytes(text, storage_dtype))
+        columns["text_length"].append(int(text.shape[0]))
+        columns["text_dim"].append(int(text.shape[1]))
+        columns["text_dtype"].append(storage_dtype)
+        columns["source_path"].append(row.source_path)
+        columns["source_row"].append(int(row.source_row))
+        columns["clip_start"].append(float(row.clip_start))
+        columns["clip_end"].append(float(row.clip_end))
+        columns["fps"].append(float(row.fps))
+        columns["bucket"].append(row.bucket)
+    schema = SHARD_SCHEMA.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename is durable only once the folder's entry is on disk too.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through `write(file)` to a temporary name in the same folder, fsync, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_shard(path: str | Path, table: pa.Table) -> None:
+    """Write one shard atomically: one row group per row, blobs uncompressed and without statistics."""
+    small = [name for name in table.schema.names if name not in _BLOB_COLUMNS]
+    compression = {name: ("none" if name in _BLOB_COLUMNS else "snappy") for name in table.schema.names}
+    _atomic_write(
+        Path(path),
+        lambda f: pq.write_table(table, f, row_group_size=1, compression=compression, write_statistics=small),
+    )
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
+def write_jsonl_atomic(path: str | Path, records: list[dict]) -> None:
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
+def shard_path(root: str | Path, unit_id: str) -> Path:
+    return Path(root) / SHARDS_DIR / f"{unit_id}.parquet"
+
+
+def errors_path(root: str | Path, unit_id: str) -> Path:
+    return Path(root) / ERRORS_DIR / f"{unit_id}.jsonl"
+
+
+def read_shard_metadata(path: str | Path) -> dict:
+    """The shard's own metadata (unit id, counts) plus "rows", read from the Parquet footer only."""
+    try:
+        meta = pq.read_metadata(path)
+        own = json.loads((meta.metadata or {}).get(METADATA_KEY, b"{}"))
+    except (OSError, pa.ArrowInvalid, ValueError) as err:
+        raise ShardError(f"{path}: not a readable shard ({err}); delete it and run precompute again") from err
+    own["rows"] = meta.num_rows
+    return own
+
+
+def read_shard(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """A whole shard as a pyarrow table (memory-mapped)."""
+    try:
+        return pq.read_table(path, columns=columns, memory_map=True)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise ShardError(f"{path}: not a readable shard ({err}); delete it and run precompute again") from err
+
+
+def row_to_sample(table: pa.Table, index: int) -> dict:
+    """Row `index` of a shard table as a sample: latent (C,T,H,W) and text (L,D) float32 tensors."""
+    row = {name: table.column(name)[index] for name in table.schema.names}
+    latent = bytes_to_tensor(row["latent"].as_buffer(), row["latent_shape"].as_py(), row["latent_dtype"].as_py())
+    length, dim = row["text_length"].as_py(), row["text_dim"].as_py()
+    text = bytes_to_tensor(row["text"].as_buffer(), (length, dim), row["text_dtype"].as_py())
+    return {
+        "id": row["id"].as_py(),
+        "caption": row["caption"].as_py(),
+        "latent": latent,
+        "text": text,
+        "bucket": row["bucket"].as_py(),
+        "source_path": row["source_path"].as_py(),
+        "source_row": row["source_row"].as_py(),
+        "clip_start": row["clip_start"].as_py(),
+        "clip_end": row["clip_end"].as_py(),
+        "fps": row["fps"].as_py(),
+    }
+
+
+def read_samples(path: str | Path) -> list[dict]:
+    """Every row of a shard as samples (see `row_to_sample`)."""
+    table = read_shard(path)
+    return [row_to_sample(table, i) for i in range(table.num_rows)]
+
+
+def read_output_manifest(root: str | Path) -> dict | None:
+    """The output folder's manifest.json, or None when there is none."""
+    path = Path(root) / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ShardError(f"{path}: not valid JSON ({err}); run precompute again with --overwrite") from err
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ShardError(
+            f"{path}: schema_version {version!r}, this code reads {SCHEMA_VERSION}; "
+            "run precompute again with --overwrite to rebuild the output"
+        )
+    return manifest
+
+
+def write_output_manifest(root: str | Path, manifest: dict) -> None:
+    write_json_atomic(Path(root) / MANIFEST_NAME, {**manifest, "schema_version": SCHEMA_VERSION})
+
+
+def read_errors(root: str | Path) -> list[dict]:
+    """Every error line of every errors/*.jsonl file, sorted by file name then line."""
+    records = []
+    for path in sorted((Path(root) / ERRORS_DIR).glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                records.append(json.loads(line))
+    return records
+
+
+def shard_entry(root: str | Path, unit_id: str) -> dict:
+    """manifest.json's record of one finished shard, from its footer: file, rows, videos, buckets, failures."""
+    own = read_shard_metadata(shard_path(root, unit_id))
+    return {
+        "file": f"{SHARDS_DIR}/{unit_id}.parquet",
+        "unit_id": unit_id,
+        "rows": own["rows"],
+        "videos": int(own.get("videos", 0)),
+        "buckets": dict(own.get("buckets", {})),
+        "failures": dict(own.get("failures", {})),
+    }
+
+
+def finish_manifest(root: str | Path, manifest: dict, unit_ids: list[str]) -> dict:
+    """Write manifest.json listing the shards of `unit_ids` (in that order) with counts and totals.
+
+    Status is "complete" when every unit has its shard, "incomplete" otherwise (a loader refuses it).
+    Shards of units not in `unit_ids` (left from an older input manifest) are not listed.
+    """
+    entries = [shard_entry(root, u) for u in unit_ids if shard_path(root, u).exists()]
+    failures: dict[str, int] = {}
+    per_bucket: dict[str, int] = {}
+    for entry in entries:
+        for reason, n in entry["failures"].items():
+            failures[reason] = failures.get(reason, 0) + n
+        for key, n in entry["buckets"].items():
+            per_bucket[key] = per_bucket.get(key, 0) + n
+    manifest = {
+        **manifest,
+        "status": "complete" if len(entries) == len(unit_ids) else "incomplete",
+        "shards": entries,
+        "totals": {
+            "work_units": len(unit_ids),
+            "shards": len(entries),
+            "videos": sum(e["videos"] for e in entries),
+            "clips": sum(e["rows"] for e in entries),
+            "clips_per_bucket": per_bucket,
+            "failed_videos": sum(failures.values()),
+            "failures_by_reason": failures,
+        },
+    }
+    write_output_manifest(root, manifest)
+    return manifest

@@ -1,0 +1,184 @@
+"""LatentDataset / LatentLoader: bucketed batches, determinism, DP/SP assignment, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.data.loader import LatentDataset, LatentLoader
+from pipeline.data.shards import ShardError
+from tests.latent_store import CHANNELS, TEXT_DIM, latent_shape, make_latent_output
+
+A, B = "5x16x16", "9x16x32"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """3 shards, 40 clips: 26 in bucket A, 14 in bucket B, text lengths 0..6."""
+    root = tmp_path_factory.mktemp("latents")
+    shards = [[(A if i % 3 else B, i % 7) for i in range(start, start + size)] for start, size in ((0, 15), (15, 11), (26, 14))]
+    make_latent_output(root, shards, buckets=[A, B])
+    return root
+
+
+def ids_of(batches):
+    return [i for b in batches for i in b["ids"]]
+
+
+def take(loader, n):
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def test_dataset_index_and_samples(store):
+    ds = LatentDataset(store)
+    assert len(ds) == 40
+    assert {k: len(v) for k, v in ds.bucket_indices().items()} == {A: 26, B: 14}
+    for i in range(len(ds)):
+        s = ds[i]
+        n = int(s["id"].split("-")[1])
+        assert s["bucket"] == (A if n % 3 else B)
+        assert s["latent"].shape == latent_shape(s["bucket"]) and s["latent"].dtype == torch.float32
+        assert torch.all(s["latent"] == n)
+        assert s["text"].shape == (n % 7, TEXT_DIM)
+        assert s["caption"] == f"caption {n}"
+
+
+def test_collate_pads_text_with_mask(store):
+    ds = LatentDataset(store)
+    idx = ds.bucket_indices()[A][:4]
+    batch = ds.collate([ds[i] for i in idx])
+    lengths = [int(i.split("-")[1]) % 7 for i in batch["ids"]]
+    assert batch["latents"].shape == (4, CHANNELS, *latent_shape(A)[1:])
+    assert batch["text"].shape == (4, max(1, max(lengths)), TEXT_DIM)
+    assert batch["text_mask"].dtype == torch.bool
+    assert batch["text_mask"].sum(1).tolist() == lengths
+    assert torch.all(batch["text"][~batch["text_mask"]] == 0)
+
+
+def test_every_batch_one_bucket_each_sample_at_most_once(store):
+    loader = LatentLoader(LatentDataset(store), batch_size=4, dp_rank=0, dp_size=1, seed=0)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 26 // 4 + 14 // 4
+    for b in batches:
+        n = [int(i.split("-")[1]) for i in b["ids"]]
+        assert len({(x % 3 == 0) for x in n}) == 1 and b["bucket"] == (B if n[0] % 3 == 0 else A)
+    seen = ids_of(batches)
+    assert len(seen) == len(set(seen)) == 4 * len(batches)
+    assert loader.epoch == 1
+
+
+def test_drop_last_false_covers_every_sample(store):
+    loader = LatentLoader(LatentDataset(store), batch_size=4, dp_rank=0, dp_size=1, seed=0, drop_last=False)
+    assert set(ids_of(list(loader))) == {f"clip-{n}" for n in range(40)}
+
+
+def test_deterministic_per_seed_and_epoch(store):
+    ds = LatentDataset(store)
+    make = lambda seed: LatentLoader(ds, batch_size=3, dp_rank=0, dp_size=1, seed=seed)  # noqa: E731
+    one, two, other = make(7), make(7), make(8)
+    e0 = ids_of(list(one))
+    assert e0 == ids_of(list(two))
+    assert e0 != ids_of(list(other))
+    e1 = ids_of(list(one))  # the next epoch is shuffled differently
+    assert e1 != e0 and one.epoch == 2
+    one.set_epoch(0)
+    assert ids_of(list(one)) == e0
+
+
+@pytest.mark.parametrize("dp_size", [2, 4])
+def test_dp_ranks_split_every_global_batch(store, dp_size):
+    ds = LatentDataset(store)
+    ref = list(LatentLoader(ds, batch_size=8, dp_rank=0, dp_size=1, seed=3))
+    per_rank = [list(LatentLoader(ds, batch_size=8 // dp_size, dp_rank=r, dp_size=dp_size, seed=3)) for r in range(dp_size)]
+    assert all(len(p) == len(ref) for p in per_rank)
+    for step, glob in enumerate(ref):
+        parts = [p[step]["ids"] for p in per_rank]
+        assert all(len(x) == 8 // dp_size for x in parts)
+        assert [i for x in parts for i in x] == glob["ids"]  # disjoint, in rank order, same bucket
+        assert {p[step]["bucket"] for p in per_rank} == {glob["bucket"]}
+
+
+def test_sp_ranks_of_one_group_get_the_same_samples(store):
+    # SP ranks 0 and 1 of DP group 1 (dp_size 2) both build the loader from (dp_rank=1, dp_size=2).
+    ds = LatentDataset(store)
+    sp0 = list(LatentLoader(ds, batch_size=2, dp_rank=1, dp_size=2, seed=5))
+    sp1 = list(LatentLoader(LatentDataset(store), batch_size=2, dp_rank=1, dp_size=2, seed=5))
+    other_dp = list(LatentLoader(ds, batch_size=2, dp_rank=0, dp_size=2, seed=5))
+    for a, b, c in zip(sp0, sp1, other_dp):
+        assert a["ids"] == b["ids"] and torch.equal(a["latents"], b["latents"]) and torch.equal(a["text"], b["text"])
+        assert not set(a["ids"]) & set(c["ids"])
+
+
+@pytest.mark.parametrize("new_dp", [1, 2, 4])
+def test_resume_counts_samples_also_after_dp_change(store, new_dp):
+    ds = LatentDataset(store)
+    g = 4
+    # Uninterrupted: two epochs at dp 1.
+    full = LatentLoader(ds, batch_size=g, dp_rank=0, dp_size=1, seed=11)
+    reference = [list(full), list(full)]
+    # Interrupted at dp 2 after 3 batches of epoch 1 (epoch 0 complete), resumed at new_dp.
+    old = [LatentLoader(ds, batch_size=g // 2, dp_rank=r, dp_size=2, seed=11) for r in range(2)]
+    for loader in old:
+        list(loader)
+        take(loader, 3)
+    state = old[0].state_dict()
+    assert state == old[1].state_dict()
+    assert state["epoch"] == 1 and state["samples_consumed"] == 3 * g
+    state = json.loads(json.dumps(state))  # it goes through a checkpoint file
+    new = [LatentLoader(ds, batch_size=g // new_dp, dp_rank=r, dp_size=new_dp, seed=11) for r in range(new_dp)]
+    for loader in new:
+        loader.load_state_dict(state)
+    rest = [list(loader) for loader in new]
+    assert len(rest[0]) == len(reference[1]) - 3
+    for step, glob in enumerate(reference[1][3:]):
+        assert [i for r in range(new_dp) for i in rest[r][step]["ids"]] == glob["ids"]
+    # After the epoch, the resumed loaders continue exactly like the uninterrupted one.
+    assert [i for r in range(new_dp) for i in list(new[r])[0]["ids"]] == list(full)[0]["ids"]
+
+
+def test_state_at_epoch_end_points_to_next_epoch(store):
+    loader = LatentLoader(LatentDataset(store), batch_size=4, dp_rank=0, dp_size=1, seed=0)
+    it = iter(loader)
+    for _ in range(len(loader)):
+        next(it)
+    assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["samples_consumed"] == 0
+
+
+def test_load_state_refuses_other_global_batch_seed_or_dataset(store, tmp_path):
+    ds = LatentDataset(store)
+    state = LatentLoader(ds, batch_size=4, dp_rank=0, dp_size=2, seed=1).state_dict()
+    with pytest.raises(ValueError, match="global batch 8.*batch_size = 8 // dp_size"):
+        LatentLoader(ds, batch_size=4, dp_rank=0, dp_size=4, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed"):
+        LatentLoader(ds, batch_size=4, dp_rank=0, dp_size=2, seed=2).load_state_dict(state)
+    make_latent_output(tmp_path, [[(A, 1)] * 8])
+    other = LatentDataset(tmp_path)
+    with pytest.raises(ValueError, match="dataset"):
+        LatentLoader(other, batch_size=4, dp_rank=0, dp_size=2, seed=1).load_state_dict(state)
+
+
+def test_bad_arguments_and_outputs_fail_clearly(store, tmp_path):
+    ds = LatentDataset(store)
+    with pytest.raises(ValueError, match="dp_rank=2, dp_size=2"):
+        LatentLoader(ds, batch_size=1, dp_rank=2, dp_size=2, seed=0)
+    with pytest.raises(ValueError, match="no bucket holds a full global batch of 64"):
+        LatentLoader(ds, batch_size=32, dp_rank=0, dp_size=2, seed=0)
+    with pytest.raises(ShardError, match="no manifest.json"):
+        LatentDataset(tmp_path)
+    make_latent_output(tmp_path, [[(A, 1)] * 2, [(A, 1)]])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+    with pytest.raises(ShardError, match="did not finish; run the same precompute command again"):
+        LatentDataset(tmp_path)
+    manifest["buckets"] = [{"key": B}, {"key": A}]
+    manifest["shards"][0]["buckets"] = {B: 1, A: 1}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="modified after precompute"):
+        LatentDataset(tmp_path)[0]
