@@ -171,10 +171,10 @@ def _read_jsonl(path: Path, cols: _Columns) -> list[VideoRecord]:
                 raise ManifestError(f"invalid JSON ({e.msg} at character {e.pos})", **where) from None
             if not isinstance(values, dict):
                 raise ManifestError(f"expected a JSON object per line, got {type(values).__name__}", **where)
-            for column in (cols.video, cols.caption):
+            for column, option in ((cols.video, "video_column"), (cols.caption, "caption_column")):
                 if column not in values:
-                    raise ManifestError(f"missing column; keys present: {', '.join(values) or '(none)'}",
-                                        column=column, **where)
+                    raise ManifestError(f"missing column; keys present: {', '.join(values) or '(none)'}; "
+                                        f"pass {option}=... to use another name", column=column, **where)
             records.append(_make_record(values, cols, path.parent, where))
     return records
 
@@ -246,10 +246,15 @@ def read_video_folder(folder: str | os.PathLike) -> list[VideoRecord]:
 
 
 def load_records(path_or_folder: str | os.PathLike, **columns: str) -> list[VideoRecord]:
-    """read_video_folder for a folder, read_manifest (with the column names given) for a file."""
+    """read_video_folder for a folder, read_manifest (with the column names given) for a file.
+    Column names other than the defaults make no sense for a folder and are refused."""
     if Path(path_or_folder).expanduser().is_dir():
-        if columns:
-            raise ManifestError(f"column options {sorted(columns)} apply to manifest files, not folders",
-                                file=path_or_folder)
+        defaults = {"video_column": "video", "caption_column": "caption", "start_column": "start",
+                    "end_column": "end"}
+        unknown = sorted(k for k in columns if k not in defaults)
+        changed = sorted(k for k, v in columns.items() if k in defaults and v != defaults[k])
+        if unknown or changed:
+            raise ManifestError(f"column options {unknown + changed} apply to manifest files, not to a "
+                                f"folder of videos with .txt captions", file=path_or_folder)
         return read_video_folder(path_or_folder)
     return read_manifest(path_or_folder, **columns)
