@@ -18,6 +18,7 @@ from pipeline import __version__
 COMMANDS: dict[str, str] = {
     "submit": "submit",
     "bench": "bench",
+    "runs": "runs",
 }
 
 

@@ -1,0 +1,170 @@
+"""`pomvid runs list` and `pomvid runs compare`: read MLflow runs back from the terminal.
+
+    pomvid runs list --experiment pomvid --output-dir outputs/tiny
+    pomvid runs compare --experiment pomvid --tracking-uri http://127.0.0.1:5000 \
+        --runs 3f2a9c1e b81d0e4f --metric train/loss --out compare/ --format markdown
+
+Works against the embedded SQLite store of an output folder (`--output-dir`) and against a server
+(`--tracking-uri`, or MLFLOW_TRACKING_URI) alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+DEFAULT_MAX_COMPARE = 10
+
+
+def _store_args(parser: argparse.ArgumentParser) -> None:
+    from pipeline.tracking.report import FORMATS
+    from pipeline.tracking.run import DEFAULT_EXPERIMENT
+
+    parser.add_argument(
+        "--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name (default: %(default)s)"
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (server or sqlite:///...)")
+    where.add_argument(
+        "--output-dir", default=None, help="output folder holding the embedded store mlflow.db"
+    )
+    parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "runs",
+        help="list and compare tracked runs (MLflow)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = parser.add_subparsers(dest="runs_command", metavar="ACTION")
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+
+    listing = actions.add_parser("list", help="runs with status, start, duration, key params, final metrics")
+    _store_args(listing)
+    listing.add_argument(
+        "--param", nargs="+", default=None, help="params to show (default: those that differ)"
+    )
+    listing.add_argument(
+        "--metric", nargs="+", default=None, help="metrics to show (default: all but system/)"
+    )
+    listing.add_argument(
+        "--max-runs", type=int, default=100, help="newest runs to list (default: %(default)s)"
+    )
+    listing.set_defaults(func=run_list)
+
+    compare = actions.add_parser("compare", help="differing params, final/best metrics and plots of runs")
+    _store_args(compare)
+    compare.add_argument(
+        "--runs",
+        nargs="+",
+        default=None,
+        help=f"run ids, id prefixes or run names (default: the {DEFAULT_MAX_COMPARE} newest runs)",
+    )
+    compare.add_argument(
+        "--metric",
+        nargs="+",
+        default=None,
+        help="metrics to compare (default: all but system/); throughput metrics are always shown",
+    )
+    compare.add_argument(
+        "--maximize",
+        nargs="+",
+        default=(),
+        help="metrics where higher is better "
+        "(default: throughput and accuracy-like names; everything else: lower is better)",
+    )
+    compare.add_argument("--minimize", nargs="+", default=(), help="metrics where lower is better")
+    compare.add_argument("--system", action="store_true", help="also compare system/ metrics")
+    compare.add_argument(
+        "--max-runs",
+        type=int,
+        default=DEFAULT_MAX_COMPARE,
+        help="newest runs to compare when --runs is not given (default: %(default)s)",
+    )
+    compare.add_argument(
+        "--out",
+        default=None,
+        help="folder for the plots "
+        "(default: <output-dir>/compare/<experiment>, or ./pomvid-compare/<experiment>)",
+    )
+    compare.add_argument("--no-plots", action="store_true", help="print the table only")
+    compare.set_defaults(func=run_compare)
+
+
+def _positive(value: int, flag: str) -> None:
+    if value < 1:
+        raise SystemExit(f"pomvid runs: {flag} must be >= 1, got {value}")
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from pipeline.tracking.compare import find_experiment, open_store, search_runs
+    from pipeline.tracking.report import build_list, list_rows, render
+    from pipeline.tracking.uri import TrackingError
+
+    _positive(args.max_runs, "--max-runs")
+    try:
+        client, uri = open_store(args.tracking_uri, args.output_dir)
+        experiment = find_experiment(client, args.experiment, uri)
+        runs = search_runs(client, experiment.experiment_id, args.max_runs)
+        data = build_list(runs, params=args.param, metrics=args.metric)
+    except TrackingError as err:
+        print(f"pomvid runs list: error: {err}", file=sys.stderr)
+        return 1
+    if not runs:
+        print(f"no runs in experiment {args.experiment!r} at {uri}", file=sys.stderr)
+        return 0
+    print(render(list_rows(data), {"experiment": args.experiment, "tracking_uri": uri, **data}, args.format))
+    return 0
+
+
+def _default_out(args: argparse.Namespace) -> Path:
+    safe = re.sub(r"[^\w.\-]+", "_", args.experiment).strip("_") or "experiment"
+    base = Path(args.output_dir) / "compare" if args.output_dir else Path("pomvid-compare")
+    return base / safe
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from pipeline.tracking.compare import find_experiment, open_store, search_runs, select_runs
+    from pipeline.tracking.plots import plot_metrics
+    from pipeline.tracking.report import build_comparison, compare_rows, render
+    from pipeline.tracking.uri import TrackingError
+
+    _positive(args.max_runs, "--max-runs")
+    try:
+        client, uri = open_store(args.tracking_uri, args.output_dir)
+        experiment = find_experiment(client, args.experiment, uri)
+        runs = search_runs(client, experiment.experiment_id, 1000 if args.runs else args.max_runs + 1)
+        if args.runs:
+            runs = select_runs(runs, args.runs)
+        elif len(runs) > args.max_runs:
+            runs = runs[: args.max_runs]
+            print(f"comparing the {args.max_runs} newest runs; pass --runs or --max-runs", file=sys.stderr)
+        data, curves = build_comparison(
+            client,
+            runs,
+            metrics=args.metric,
+            maximize=args.maximize,
+            minimize=args.minimize,
+            include_system=args.system,
+        )
+    except TrackingError as err:
+        print(f"pomvid runs compare: error: {err}", file=sys.stderr)
+        return 1
+    out = Path(args.out) if args.out else _default_out(args)
+    plots = {} if args.no_plots else plot_metrics(curves, out)
+    data = {
+        "experiment": args.experiment,
+        "tracking_uri": uri,
+        **data,
+        "plots": {metric: str(path) for metric, path in plots.items()},
+    }
+    print(render(compare_rows(data), data, args.format))
+    if plots:
+        # Keep stdout machine-readable for csv/json: the plot location goes to stderr there.
+        stream = sys.stdout if args.format in ("table", "markdown") else sys.stderr
+        print(f"\nplots ({len(plots)} PNG, one curve per run): {out.resolve()}", file=stream)
+    return 0

@@ -1,0 +1,222 @@
+"""`start_run`: open (or resume) the MLflow run of a training or precompute job on rank 0.
+
+Everything up to the returned Tracker is synchronous and raises TrackingError on failure: a job with a
+wrong URI or an unknown run id stops before it spends GPU hours. After that, logging never raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.tracking.env import environment_tags
+from pipeline.tracking.params import PARAMS_PER_BATCH, chunks, to_params, to_plain, to_tags
+from pipeline.tracking.tracker import NullTracker, Tracker
+from pipeline.tracking.uri import (
+    TrackingError,
+    check_reachable,
+    configure_http_env,
+    is_http,
+    local_artifact_uri,
+    prepare_local_store,
+    resolve_tracking_uri,
+    sqlite_path,
+)
+
+logger = logging.getLogger("pipeline.tracking")
+DEFAULT_EXPERIMENT = "pomvid"
+
+
+def rank_from_env() -> int:
+    """The global rank of this process from `RANK` (torchrun / deepspeed launchers), else 0."""
+    value = os.environ.get("RANK", "0").strip() or "0"
+    try:
+        return int(value)
+    except ValueError as err:
+        raise TrackingError(f"environment variable RANK={value!r} is not an integer") from err
+
+
+def default_run_name(config: Mapping[str, Any], now: float | None = None) -> str:
+    """`<recipe>-YYYYmmdd-HHMMSS` (recipe from config["recipe"] or config["name"], else "run")."""
+    recipe = config.get("recipe") or config.get("name") or "run"
+    if not isinstance(recipe, str):
+        recipe = getattr(recipe, "__name__", str(recipe))
+    return f"{recipe}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}"
+
+
+def _experiment_id(client: Any, name: str, uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        # In the embedded store, artifacts live next to the database (<output_dir>/mlartifacts);
+        # a server decides its own artifact root.
+        location = local_artifact_uri(Path(sqlite_path(uri)).parent) if sqlite_path(uri) else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":  # another job created it meanwhile
+                raise
+            experiment = client.get_experiment_by_name(name)
+    if experiment.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"MLflow experiment {name!r} at {uri} is deleted; restore it "
+            f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) or use another "
+            "--experiment name"
+        )
+    return experiment.experiment_id
+
+
+def _log_params_sync(
+    client: Any, run_id: str, params: dict[str, str], existing: Mapping[str, str]
+) -> list[str]:
+    """Log params MLflow does not have yet; return the keys whose value differs from the logged one
+    (MLflow params are immutable, so a resumed run with a changed setting keeps the first value)."""
+    from mlflow.entities import Param
+
+    changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
+    new = [Param(k, v) for k, v in params.items() if k not in existing]
+    for part in chunks(new, PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=list(part), synchronous=True)
+    return changed
+
+
+def start_run(
+    *,
+    config: Mapping[str, Any] | Any,
+    tracking_uri: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    run_name: str | None = None,
+    run_id: str | None = None,
+    rank: int | None = None,
+    enabled: bool = True,
+    output_dir: str | os.PathLike | None = None,
+    deepspeed_config: Mapping[str, Any] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    system_metrics: bool = True,
+    system_metrics_interval: float = 5.0,
+    upload_checkpoints: bool = False,
+    plots_at_end: bool = True,
+    flush_timeout: float = 120.0,
+) -> Tracker | NullTracker:
+    """Start (or, with `run_id`, resume) an MLflow run on rank 0; a NullTracker elsewhere or if disabled.
+
+    `config` (dict or dataclass) is logged flattened as params and whole as `config.json`;
+    `deepspeed_config` as `deepspeed.*` params and `deepspeed_config.json`. URI: `tracking_uri`, else
+    MLFLOW_TRACKING_URI, else `sqlite:///<output_dir>/mlflow.db`. `rank` defaults to the RANK
+    environment variable. Raises TrackingUnreachableError (naming the URI) within seconds when an HTTP
+    server does not answer, and TrackingError for other problems at start.
+    """
+    rank = rank_from_env() if rank is None else int(rank)
+    if not enabled or rank != 0:
+        return NullTracker()
+    if not experiment or not isinstance(experiment, str):
+        raise TrackingError(f"experiment must be a non-empty name, got {experiment!r}")
+    if system_metrics_interval <= 0:
+        raise TrackingError(f"system_metrics_interval must be > 0 seconds, got {system_metrics_interval}")
+    uri = resolve_tracking_uri(tracking_uri, output_dir)
+    if is_http(uri):
+        configure_http_env()
+        check_reachable(uri)
+    else:
+        prepare_local_store(uri)
+
+    from mlflow import MlflowClient
+    from mlflow.entities import RunTag
+    from mlflow.exceptions import MlflowException
+
+    plain = to_plain(config)
+    if not isinstance(plain, dict):
+        raise TrackingError(f"config must be a dict or a dataclass, got {type(config).__name__}")
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        run_tags = {**environment_tags(), **(tags or {})}
+        if run_id is None:
+            experiment_id = _experiment_id(client, experiment, uri)
+            run = client.create_run(
+                experiment_id, run_name=run_name or default_run_name(plain), tags=to_tags(run_tags)
+            )
+            existing: dict[str, str] = {}
+            config_name = "config.json"
+        else:
+            run = _resume(client, run_id, uri)
+            experiment_id = run.info.experiment_id
+            existing = dict(run.data.params)
+            resumes = int(run.data.tags.get("pomvid.resume_count", "0")) + 1
+            run_tags.update(
+                {"pomvid.resume_count": resumes, "pomvid.resumed_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+            )
+            client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in to_tags(run_tags).items()])
+            config_name = f"config.resume_{resumes}.json"
+        run_id = run.info.run_id
+        params = to_params(plain)
+        if deepspeed_config is not None:
+            params.update(to_params({"deepspeed": to_plain(deepspeed_config)}))
+        changed = _log_params_sync(client, run_id, params, existing)
+        if changed:
+            logger.warning(
+                "resumed MLflow run %s: params %s differ from the first segment and keep their first "
+                "value (MLflow params cannot change); the new config is in %s",
+                run_id,
+                ", ".join(changed[:20]),
+                config_name,
+            )
+            client.set_tag(run_id, "pomvid.changed_params_on_resume", ", ".join(changed)[:5000])
+    except MlflowException as err:
+        raise TrackingError(f"MLflow tracking at {uri} failed at start: {err}") from err
+
+    tracker = Tracker(
+        client=client,
+        tracking_uri=uri,
+        experiment_id=experiment_id,
+        run_id=run_id,
+        upload_checkpoints=upload_checkpoints,
+        plots_at_end=plots_at_end,
+        flush_timeout=flush_timeout,
+    )
+    tracker.log_dict(plain, config_name)
+    if deepspeed_config is not None:
+        tracker.log_dict(deepspeed_config, "deepspeed_config.json")
+    if system_metrics:
+        tracker.system_metrics = _start_system_metrics(tracker, run, system_metrics_interval)
+    logger.info("MLflow run %s (experiment %r) at %s", run_id, experiment, uri)
+    return tracker
+
+
+def _resume(client: Any, run_id: str, uri: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise TrackingError(
+            f"cannot resume MLflow run {run_id!r}: not found at {uri} ({err.error_code}). Was the "
+            "checkpoint written with another tracking URI? Pass that --tracking-uri, or start a new run."
+        ) from err
+    if run.info.lifecycle_stage == "deleted":
+        raise TrackingError(f"cannot resume MLflow run {run_id!r} at {uri}: the run is deleted")
+    if run.info.status != "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    return run
+
+
+def _start_system_metrics(tracker: Tracker, run: Any, interval: float) -> Any:
+    from pipeline.tracking.sysmetrics import PREFIX, SystemMetricsSampler
+
+    # A resumed run continues its system metrics' step count instead of overwriting from 0.
+    steps = [m.step for m in getattr(run.data, "_metric_objs", []) if m.key.startswith(PREFIX)]
+    try:
+        sampler = SystemMetricsSampler(
+            lambda metrics, step: tracker.log_metrics(metrics, step),
+            interval=interval,
+            first_step=max(steps) + 1 if steps else 0,
+            node_id=os.environ.get("MLFLOW_SYSTEM_METRICS_NODE_ID"),
+        )
+    except Exception as err:  # noqa: BLE001 - e.g. psutil missing: log the run without them
+        logger.warning("system metrics disabled: %s: %s", type(err).__name__, err)
+        return None
+    return sampler.start()
