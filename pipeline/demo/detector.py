@@ -6,9 +6,10 @@ For one video (uint8 frames (T, H, W, 3), a float video (3, T, H, W) in [-1, 1],
 2. Foreground weight per pixel: its RGB distance to the background mapped linearly from 0 at `lo` to 1
    at `hi`. Both thresholds rise with the strongest difference in the video, so dim generated objects
    are still found and faint noise is not.
-3. Colour: every foreground pixel votes, with its weight, for the palette colour nearest in
-   chromaticity (rgb / (r + g + b)), which ignores brightness: anti-aliased edges and under-saturated
-   generations keep their hue. Confidence = the winner's share of the votes.
+3. Colour: the palette colour nearest in hue to the weighted mean colour of the foreground. Hue is
+   the angle in the opponent plane (r - (g + b) / 2, (g - b) * sqrt(3) / 2); it ignores brightness and
+   added grey, so anti-aliased edges, a grey background and under-saturated generations keep it, and
+   pixel noise cancels in the mean. Confidence = the share of per-pixel hue votes that agree.
 4. Direction: the weighted centroid of the foreground in each frame; a least-squares line through the
    centroids over time gives the displacement (dx, dy) from first to last frame; the axis with the
    larger |displacement| and its sign name the direction (y grows downwards: "up" is dy < 0).
@@ -33,6 +34,7 @@ from pipeline.media import read_video, to_uint8_frames
 
 _LO, _HI = 30.0, 60.0  # smallest foreground thresholds (RGB distance, 0..441)
 _MIN_MASS = 0.5  # foreground weight a frame needs for its centroid to count
+_MIN_COHERENCE = 3.0  # hue signal over noise (in random-walk units) needed to name a colour
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,7 +42,7 @@ class Detection:
     """What the detector saw in one video."""
 
     colour: str | None
-    """Nearest palette colour of the moving object, None when no foreground was found."""
+    """Palette colour nearest in hue to the object, None when no (coloured) foreground was found."""
     direction: str | None
     """"left", "right", "up" or "down"; None when nothing moved at least `min_motion` pixels."""
     confidence: float
@@ -59,8 +61,13 @@ def _as_frames(video: Any) -> np.ndarray:
     return to_uint8_frames(video)
 
 
-def _chromaticity(rgb: np.ndarray) -> np.ndarray:
-    return rgb / np.maximum(rgb.sum(axis=-1, keepdims=True), 1.0)
+def _opponent(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) RGB -> (..., 2) opponent colour plane; its angle is the hue, its length the chroma.
+
+    Adding grey (a dark background, desaturation) cancels out, and scaling keeps the angle.
+    """
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return np.stack([r - (g + b) / 2, (np.sqrt(3) / 2) * (g - b)], axis=-1)
 
 
 def analyse_video(
@@ -94,13 +101,26 @@ def analyse_video(
         return Detection(colour=None, direction=None, confidence=0.0, colour_confidence=0.0,
                          direction_confidence=0.0, displacement=(0.0, 0.0))  # fmt: skip
 
-    # Colour: weighted votes of foreground pixels for the nearest palette chromaticity.
+    # Colour: the hue of the weighted mean opponent vector of the foreground. Noise has random hues
+    # that cancel in the mean while the object's pixels add up. Confidence: the share of per-pixel
+    # hue votes (weighted by chroma) that agree with the chosen colour.
     selected = weight > 0
-    pixels = _chromaticity(frames[selected])  # (P, 3)
-    palette = _chromaticity(np.asarray([PALETTE[c] for c in colours], dtype=np.float32))  # (K, 3)
-    nearest = np.argmin(((pixels[:, None, :] - palette[None]) ** 2).sum(-1), axis=1)  # (P,)
-    votes = np.bincount(nearest, weights=weight[selected], minlength=len(colours))  # (K,)
-    colour_index = int(np.argmax(votes))
+    pixels = _opponent(frames[selected] - background)  # (P, 2)
+    palette = _opponent(np.asarray([PALETTE[c] for c in colours], dtype=np.float32))  # (K, 2)
+    palette_hue = np.arctan2(palette[:, 1], palette[:, 0])  # (K,)
+    mean = (weight[selected, None] * pixels).sum(axis=0)  # (2,)
+
+    def nearest_hue(vectors: np.ndarray) -> np.ndarray:
+        hue = np.arctan2(vectors[..., 1], vectors[..., 0])[..., None]  # (..., 1)
+        return np.argmin(np.abs(np.angle(np.exp(1j * (hue - palette_hue)))), axis=-1)
+
+    colour_index = int(nearest_hue(mean))
+    strength = weight[selected] * np.linalg.norm(pixels, axis=-1)  # (P,)
+    # A grey/white object, or foreground that is only noise, has no coherent hue: the mean's length
+    # is then no larger than a random walk of the same steps (sqrt of the summed squared lengths).
+    hueless = np.linalg.norm(mean) <= _MIN_COHERENCE * np.sqrt((strength**2).sum()) + 1e-6
+    votes = np.bincount(nearest_hue(pixels), weights=strength, minlength=len(colours))  # (K,)
+    votes = votes + 1e-12  # a grey foreground has no hue: confidence 0, not a division by zero
     colour_confidence = float(votes[colour_index] / votes.sum())
 
     # Direction: line fit through the per-frame centroids of frames that show the object.
@@ -126,8 +146,10 @@ def analyse_video(
         direction_confidence = float(purity * reach)
         if direction not in directions:  # motion along a direction that is not a candidate
             direction, direction_confidence = None, 0.0
+    if hueless:
+        colour_confidence = 0.0
     return Detection(
-        colour=colours[colour_index],
+        colour=None if hueless else colours[colour_index],
         direction=direction,
         confidence=colour_confidence * direction_confidence,
         colour_confidence=colour_confidence,

@@ -60,6 +60,25 @@ def test_every_combination_is_detected_after_noise_and_mp4(size, frames, tmp_pat
     assert scores["mean_confidence"] > 0.7
 
 
+def test_blurred_dim_desaturated_generations_are_detected():
+    # What an imperfect model makes: soft edges, washed-out colours, a grey background, pixel noise.
+    config = ShapesConfig(frames=16, height=32, width=32, shapes=shapes.SHAPES, held_out=0)
+    rng = np.random.default_rng(1)
+    kernel = np.array([1, 4, 6, 4, 1], np.float32) / 16
+    videos, captions = [], []
+    for index in range(48):
+        sample = shapes.make_sample(config, index, "all")
+        video = sample.frames.astype(np.float32)
+        video = np.apply_along_axis(np.convolve, 1, video, kernel, "same")  # blur along y
+        video = np.apply_along_axis(np.convolve, 2, video, kernel, "same")  # blur along x
+        video = 0.5 * (0.5 * video + 0.5 * video.mean(axis=-1, keepdims=True)) + 20
+        video = video + rng.normal(0.0, 20.0, video.shape)
+        videos.append(np.clip(video, 0, 255).astype(np.uint8))
+        captions.append(sample.caption)
+    scores = detector.score_videos(videos, captions)
+    assert scores["adherence"] >= 0.95, scores
+
+
 def test_float_videos_in_model_range_are_accepted():
     frames = hand_made("green", "up", size=32, frames=12, side=6)
     video = frames.transpose(3, 0, 1, 2).astype(np.float32) / 127.5 - 1.0  # (3, T, H, W) in [-1, 1]
@@ -95,6 +114,10 @@ def test_static_and_empty_videos_count_as_wrong():
     still = np.repeat(hand_made("red", "right")[:1], 8, axis=0)
     found = detector.analyse_video(still)
     assert found.colour == "red" and found.direction is None and found.confidence == 0.0
+    white = np.zeros((8, 16, 16, 3), dtype=np.uint8)
+    for t in range(8):
+        white[t, 6:10, t + 2 : t + 6] = 255
+    assert detector.detect(white)[:2] == (None, "right")  # no hue: no colour, never counted right
     black = np.zeros((8, 16, 16, 3), dtype=np.uint8)
     assert detector.detect(black) == (None, None, 0.0)
     scores = detector.score_videos([still, black], ["a red square moving right"] * 2)
