@@ -9,7 +9,9 @@ For one video (uint8 frames (T, H, W, 3), a float video (3, T, H, W) in [-1, 1],
 3. Colour: the palette colour nearest in hue to the weighted mean colour of the foreground. Hue is
    the angle in the opponent plane (r - (g + b) / 2, (g - b) * sqrt(3) / 2); it ignores brightness and
    added grey, so anti-aliased edges, a grey background and under-saturated generations keep it, and
-   pixel noise cancels in the mean. Confidence = the share of per-pixel hue votes that agree.
+   pixel noise cancels in the mean. Confidence = the share of per-pixel hue votes that agree. A
+   foreground whose mean hue vector is no longer than noise would give (grey, white, or only noise)
+   has no colour (None).
 4. Direction: the weighted centroid of the foreground in each frame; a least-squares line through the
    centroids over time gives the displacement (dx, dy) from first to last frame; the axis with the
    larger |displacement| and its sign name the direction (y grows downwards: "up" is dy < 0).
