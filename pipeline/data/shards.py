@@ -98,7 +98,9 @@ def array_to_bytes(array: np.ndarray | torch.Tensor, dtype: str) -> bytes:
     """Raw little-endian bytes of `array` cast to the storage dtype (float32, float16 or bfloat16)."""
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage dtype {dtype!r} is not one of {sorted(STORAGE_DTYPES)}")
-    tensor = torch.as_tensor(array).detach().to("cpu", STORAGE_DTYPES[dtype]).contiguous()
+    if not isinstance(array, torch.Tensor):  # copy: Ray hands out read-only arrays, torch wants writable ones
+        array = torch.from_numpy(np.array(array, copy=True))
+    tensor = array.detach().to("cpu", STORAGE_DTYPES[dtype]).contiguous()
     if dtype == "bfloat16":
         tensor = tensor.view(torch.int16)
     return tensor.numpy().astype(np.dtype(_NUMPY_CARRIER[dtype]).newbyteorder("<"), copy=False).tobytes()
@@ -122,10 +124,10 @@ def shard_table(rows: list[ShardRow], *, storage_dtype: str, metadata: dict) -> 
     """A shard's table (rows in the given order) with `metadata` (JSON) in the schema metadata."""
     columns: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
     for row in rows:
-        latent, text = torch.as_tensor(row.latent), torch.as_tensor(row.text)
-        if latent.ndim != 4:
+        latent, text = row.latent, row.text
+        if len(latent.shape) != 4:
             raise ValueError(f"clip {row.id}: latent must be (C, T, H, W), got shape {tuple(latent.shape)}")
-        if text.ndim != 2:
+        if len(text.shape) != 2:
             raise ValueError(f"clip {row.id}: text embedding must be (L, D), got shape {tuple(text.shape)}")
         columns["id"].append(row.id)
         columns["caption"].append(row.caption)

@@ -1,0 +1,279 @@
+"""Offline latent precomputation with Ray Data: videos + captions -> Parquet shards of latents.
+
+    read manifest -> work units (stable ids) -> decode (CPU tasks) -> VAE (actors) -> text (actors)
+    -> write one shard per unit (atomic) ; manifest.json + errors/*.jsonl
+
+Ray Data streams the units through the stages with backpressure, so only a few units per stage are in
+memory at once. Resume: a unit whose shard exists is skipped, and a shard only appears, whole, once
+its unit is done; so a run killed at any moment and started again writes exactly the missing units.
+The output is tied to its encoders, buckets and settings (recorded in manifest.json before the
+first shard): a run with others is refused unless `overwrite=True`. See docs/precompute.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from pipeline.data.fingerprint import NON_IDENTITY_FIELDS, fingerprint_diff
+from pipeline.data.precompute_config import PrecomputeConfig
+from pipeline.data.precompute_stages import (
+    TextStage,
+    VAEStage,
+    decode_units,
+    make_work_units,
+    stable_hash,
+    unit_to_row,
+    write_units,
+)
+from pipeline.data.shards import (
+    ERRORS_DIR,
+    MANIFEST_NAME,
+    SHARDS_DIR,
+    ShardError,
+    finish_manifest,
+    read_output_manifest,
+    shard_path,
+    write_output_manifest,
+)
+
+__all__ = ["PrecomputeConfig", "PrecomputeError", "run_precompute", "format_summary"]
+SETTING_FIELDS = ("fps", "clips_per_video", "storage_dtype", "rows_per_work_unit")
+
+
+class PrecomputeError(RuntimeError):
+    """A run that cannot start: e.g. an output made with other encoders, buckets or settings."""
+
+
+def _init_ray(config: PrecomputeConfig) -> bool:
+    """Join the configured / job's cluster, or start a small local Ray. True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = config.ray_address
+    env = os.environ.get("RAY_ADDRESS", "")
+    if address is None and env and not env.startswith(("http://", "https://")):
+        address = "auto"  # running as a Ray job (or after `ray start`): RAY_ADDRESS names the cluster
+    if address is not None:
+        ray.init(address=address)
+    else:  # "local": ignore a job-server RAY_ADDRESS (http://...) meant for `ray job submit`
+        ray.init(address="local", num_cpus=config.ray_num_cpus, include_dashboard=False)
+    return True
+
+
+def _describe_vae(kind: str, build_kwargs: dict, buckets: str) -> dict:
+    from pipeline.data.buckets import parse_buckets
+    from pipeline.data.vae import build_vae
+
+    vae = build_vae(kind, **build_kwargs)
+    shapes = {}
+    for b in parse_buckets(buckets):
+        try:
+            shapes[b.name] = list(vae.latent_shape(b.frames, b.height, b.width))
+        except ValueError as err:
+            raise PrecomputeError(f"bucket {b.name} does not suit the {kind} VAE: {err}") from None
+    latent = {"channels": vae.latent_channels, "temporal_compression": vae.temporal_compression,
+              "spatial_compression": vae.spatial_compression, "scaling_factor": vae.scaling_factor,
+              "shift_factor": vae.shift_factor}
+    return {"fingerprint": vae.fingerprint(), "latent_shapes": shapes, "latent": latent}
+
+
+def _describe_text(kind: str, build_kwargs: dict) -> dict:
+    from pipeline.data.text import build_text_encoder
+
+    encoder = build_text_encoder(kind, **build_kwargs)
+    return {"fingerprint": encoder.fingerprint(), "dim": encoder.dim, "max_length": encoder.max_length}
+
+
+def describe_encoders(config: PrecomputeConfig) -> tuple[dict, dict]:
+    """Load each encoder once: fingerprints, latent shapes, text dim.
+
+    An encoder that runs on GPU actors is loaded in a Ray task with the same GPUs (the driver may be a
+    small head node); a CPU one is loaded right here, which saves starting a worker.
+    """
+    import ray
+
+    jobs = ((_describe_vae, (config.vae, config.vae_build_kwargs(), str(config.bucket_table())),
+             config.vae_num_cpus, config.num_gpus_per_actor),
+            (_describe_text, (config.text_encoder, config.text_build_kwargs()), config.text_num_cpus, config.text_gpus))
+    refs = [ray.remote(fn).options(num_cpus=cpus, num_gpus=gpus).remote(*args) if gpus else None
+            for fn, args, cpus, gpus in jobs]
+    out = []
+    for (fn, args, _, _), ref in zip(jobs, refs):
+        try:
+            out.append(fn(*args) if ref is None else ray.get(ref))
+        except ray.exceptions.RayTaskError as err:
+            cause = err.cause
+            if isinstance(cause, PrecomputeError):
+                raise cause from None
+            raise PrecomputeError(f"loading the encoders failed: {type(cause).__name__}: {cause}") from None
+    return out[0], out[1]
+
+
+def _identity(fp: dict) -> dict:
+    return {k: v for k, v in fp.items() if k not in NON_IDENTITY_FIELDS}
+
+
+def build_output_manifest(config: PrecomputeConfig, vae: dict, text: dict, records: int) -> dict:
+    """manifest.json's content before the first shard (status "running")."""
+    table = config.bucket_table()
+    settings = {name: getattr(config, name) for name in SETTING_FIELDS}
+    identity = {"vae": _identity(vae["fingerprint"]), "text": _identity(text["fingerprint"]),
+                "buckets": str(table), **settings}
+    return {
+        "status": "running",
+        "vae": vae["fingerprint"],
+        "text_encoder": text["fingerprint"],
+        "latent": {**vae["latent"], "dtype": config.storage_dtype},
+        "text": {"dim": text["dim"], "max_length": text["max_length"], "dtype": config.storage_dtype},
+        "buckets": [{"key": b.name, "frames": b.frames, "height": b.height, "width": b.width,
+                     "latent_shape": vae["latent_shapes"][b.name]} for b in table],
+        "settings": {**settings, "decode_backend": config.decode_backend},
+        "settings_hash": stable_hash(identity),
+        "input": {"manifest": config.manifest, "records": records},
+    }
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    out = [f"VAE {d}" for d in fingerprint_diff(old.get("vae") or {}, new["vae"])]
+    out += [f"text encoder {d}" for d in fingerprint_diff(old.get("text_encoder") or {}, new["text_encoder"])]
+    keys = lambda m: [b.get("key") for b in m.get("buckets") or []]  # noqa: E731
+    if keys(old) != keys(new):
+        out.append(f"buckets: {','.join(map(str, keys(old)))} != {','.join(keys(new))}")
+    for name in SETTING_FIELDS:
+        if (old.get("settings") or {}).get(name) != new["settings"][name]:
+            out.append(f"{name}: {(old.get('settings') or {}).get(name)!r} != {new['settings'][name]!r}")
+    return [d if len(d) < 300 else d[:297] + "..." for d in out]
+
+
+def prepare_output(config: PrecomputeConfig, manifest: dict) -> None:
+    """Refuse an output made differently (unless overwrite), clear it if asked, write the provisional manifest."""
+    out = Path(config.output)
+    found = [p for d in (SHARDS_DIR, ERRORS_DIR) for p in (out / d).glob("*") if p.is_file()]
+    if config.overwrite:
+        for path in found + [out / MANIFEST_NAME]:
+            path.unlink(missing_ok=True)
+    else:
+        try:
+            existing = read_output_manifest(out)
+        except ShardError as err:
+            raise PrecomputeError(f"{err}") from None
+        if existing is not None:
+            diffs = _differences(existing, manifest)
+            if diffs:
+                raise PrecomputeError(
+                    f"{out} was made with other encoders, buckets or settings:\n  " + "\n  ".join(diffs)
+                    + "\nIts latents would not match this run's. Pass --overwrite (overwrite=True) to delete "
+                    "them and start again, or choose another output folder.")
+        elif any(p.suffix == ".parquet" for p in found):
+            raise PrecomputeError(f"{out} holds shards but no {MANIFEST_NAME}, so nobody knows how they were made; "
+                                  "pass --overwrite to delete them, or choose another output folder")
+        for path in found:
+            if path.name.endswith(".tmp"):  # left by a killed writer; never a finished file
+                path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_output_manifest(out, manifest)
+
+
+def _run_pipeline(config: PrecomputeConfig, rows: list[dict], vae_fp: dict, text_fp: dict) -> dict:
+    """Stream the pending units through the stages; returns this run's counts."""
+    import ray
+    from tqdm import tqdm
+
+    stats = {"units": 0, "videos": 0, "clips": 0, "failures": {}}
+    if not rows:
+        return stats
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours below counts units and clips; Ray's would interleave with it
+    decode_compute = ray.data.TaskPoolStrategy(size=config.decode_concurrency) if config.decode_concurrency else None
+    ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 10_000))
+    ds = ds.map_batches(decode_units, batch_size=1, num_cpus=config.decode_num_cpus, compute=decode_compute,
+                        fn_kwargs={"buckets": str(config.bucket_table()), "fps": config.fps,
+                                   "clips_per_video": config.clips_per_video, "backend": config.decode_backend})
+    ds = ds.map_batches(VAEStage, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.vae_concurrency),
+                        num_cpus=config.vae_num_cpus, num_gpus=config.num_gpus_per_actor,
+                        fn_constructor_kwargs={"kind": config.vae, "build_kwargs": config.vae_build_kwargs(),
+                                               "fingerprint": vae_fp, "batch_size": config.vae_batch_size,
+                                               "num_cpus": config.vae_num_cpus})
+    ds = ds.map_batches(TextStage, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.text_concurrency),
+                        num_cpus=config.text_num_cpus, num_gpus=config.text_gpus,
+                        fn_constructor_kwargs={"kind": config.text_encoder, "build_kwargs": config.text_build_kwargs(),
+                                               "fingerprint": text_fp, "batch_size": config.text_batch_size,
+                                               "num_cpus": config.text_num_cpus})
+    ds = ds.map_batches(write_units, batch_size=1, num_cpus=config.write_num_cpus,
+                        fn_kwargs={"output": config.output, "storage_dtype": config.storage_dtype})
+    with tqdm(total=len(rows), unit="unit", desc="precompute", disable=not config.progress, dynamic_ncols=True) as bar:
+        for row in ds.iter_rows():
+            stats["units"] += 1
+            stats["videos"] += int(row["videos"])
+            stats["clips"] += int(row["clips"])
+            for reason, n in json.loads(row["failures"]).items():
+                stats["failures"][reason] = stats["failures"].get(reason, 0) + n
+            bar.update(1)
+            bar.set_postfix(clips=stats["clips"], failed=sum(stats["failures"].values()))
+    return stats
+
+
+def run_precompute(config: PrecomputeConfig) -> dict:
+    """Run (or resume) a precomputation; prints and returns the summary (see `format_summary`)."""
+    import ray
+
+    from pipeline.data.manifest import load_records
+
+    start = time.time()
+    records = load_records(config.manifest, video_column=config.video_column, caption_column=config.caption_column,
+                           start_column=config.start_column, end_column=config.end_column)
+    started_ray = _init_ray(config)
+    try:
+        vae, text = describe_encoders(config)
+        manifest = build_output_manifest(config, vae, text, len(records))
+        prepare_output(config, manifest)
+        units = make_work_units(records, rows_per_unit=config.rows_per_work_unit,
+                                settings_hash=manifest["settings_hash"])
+        pending = [u for u in units if not shard_path(config.output, u.unit_id).exists()]
+        pipeline_start = time.time()
+        stats = _run_pipeline(config, [unit_to_row(u) for u in pending], vae["fingerprint"], text["fingerprint"])
+        seconds = time.time() - pipeline_start
+        final = finish_manifest(config.output, manifest, [u.unit_id for u in units])
+    finally:
+        if started_ray:
+            ray.shutdown()
+    totals = final["totals"]
+    summary = {
+        "output": config.output,
+        "status": final["status"],
+        "videos_in": len(records),
+        "work_units": len(units),
+        "work_units_skipped": len(units) - len(pending),
+        "work_units_written": stats["units"],
+        "videos_this_run": stats["videos"],
+        "clips_this_run": stats["clips"],
+        "failures_this_run": stats["failures"],
+        "clips_out": totals["clips"],
+        "failed_videos": totals["failed_videos"],
+        "failures_by_reason": totals["failures_by_reason"],
+        "pipeline_seconds": round(seconds, 3),
+        "total_seconds": round(time.time() - start, 3),
+        "clips_per_second": round(stats["clips"] / seconds, 3) if stats["clips"] else 0.0,
+    }
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    failures = ", ".join(f"{k}: {v}" for k, v in sorted(summary["failures_by_reason"].items())) or "none"
+    lines = [
+        f"precompute {summary['status']}: {summary['output']}",
+        f"  videos in         {summary['videos_in']}  ({summary['work_units']} work units: "
+        f"{summary['work_units_skipped']} already done, {summary['work_units_written']} written now)",
+        f"  clips out         {summary['clips_out']}  ({summary['clips_this_run']} this run)",
+        f"  failed videos     {summary['failed_videos']}  ({failures}; details in {ERRORS_DIR}/*.jsonl)",
+        f"  clips per second  {summary['clips_per_second']:.2f}  ({summary['clips_this_run']} clips in "
+        f"{summary['pipeline_seconds']:.1f} s; {summary['total_seconds']:.1f} s with start-up)",
+    ]
+    if summary["status"] != "complete":
+        lines.append("  some work units have no shard (a worker died?): run the same command again to finish")
+    return "\n".join(lines)

@@ -1,0 +1,243 @@
+"""The stages of the precompute pipeline, one Ray Data row per work unit all the way through.
+
+A work unit (a few consecutive manifest rows) travels as one row: {"unit_id", "meta" (JSON: clips,
+errors, videos), "video" | "latent" + "text" (flat float32 arrays, clips concatenated in shard-row
+order)}. Keeping the unit whole means the VAE and the text encoder see batches made from one unit
+only, so a unit's numbers do not depend on which other units shared an actor call: a resumed run
+reproduces an uninterrupted one bit for bit (same hardware), and the writer needs no regrouping.
+
+decode_units (CPU tasks) -> VAEStage (actors) -> TextStage (actors) -> write_units (tasks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from pipeline.data.manifest import VideoRecord
+from pipeline.data.shards import (
+    ShardRow,
+    errors_path,
+    shard_path,
+    shard_table,
+    write_jsonl_atomic,
+    write_shard,
+)
+
+
+def stable_hash(obj, length: int = 16) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:length]
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkUnit:
+    """A few consecutive manifest rows; one shard. Its id depends on its videos and the settings only."""
+
+    unit_id: str
+    """hash of (settings, every video's path, window, caption); names the shard file."""
+    index: int
+    """Position among the run's work units (manifest order)."""
+    videos: tuple[tuple[str, VideoRecord], ...]
+    """(video id, record) per manifest row."""
+
+
+def make_work_units(records: list[VideoRecord], *, rows_per_unit: int, settings_hash: str) -> list[WorkUnit]:
+    """Cut the records, in manifest order, into units; appending rows leaves earlier units unchanged."""
+    seen: dict[tuple, int] = {}
+    keyed = []
+    for r in records:
+        key = (r.path, r.start, r.end, r.caption)
+        occurrence = seen[key] = seen.get(key, -1) + 1  # the n-th identical row stays distinct
+        keyed.append((stable_hash([settings_hash, *key, occurrence]), r))
+    units = []
+    for index, first in enumerate(range(0, len(keyed), rows_per_unit)):
+        videos = tuple(keyed[first:first + rows_per_unit])
+        units.append(WorkUnit(unit_id=stable_hash([settings_hash, [v for v, _ in videos]], 20), index=index,
+                              videos=videos))
+    return units
+
+
+def unit_to_row(unit: WorkUnit) -> dict:
+    return {"unit_id": unit.unit_id, "videos": json.dumps([[v, asdict(r)] for v, r in unit.videos])}
+
+
+def _flat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, np.float32)
+
+
+def _objects(items: list) -> np.ndarray:
+    # A 1-D object array of per-row arrays (np.array would try to stack equal shapes).
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
+
+
+def decode_units(batch: dict, *, buckets: str, fps: float, clips_per_video: int, backend: str) -> dict:
+    """Probe, plan and decode every video of each unit; failures become error entries, never exceptions."""
+    from pipeline.data.buckets import parse_buckets
+    from pipeline.data.decode import DecodeError, decode_clip, plan_clips, probe
+
+    table = parse_buckets(buckets)
+    order = {b.name: i for i, b in enumerate(table)}
+    out = {"unit_id": [], "meta": [], "video": []}
+    for unit_id, videos_json in zip(batch["unit_id"], batch["videos"]):
+        clips, errors, arrays = [], [], []
+        videos = json.loads(videos_json)
+        for row_in_unit, (video_id, fields) in enumerate(videos):
+            record = VideoRecord(**fields)
+            try:
+                plans = plan_clips(record, probe(record.path), table, fps, clips_per_video)
+                decoded = [decode_clip(record.path, frames=p.bucket.frames, height=p.bucket.height,
+                                       width=p.bucket.width, fps=fps, start=p.start, backend=backend)
+                           for p in plans]  # (3, T, H, W) each
+            except DecodeError as err:
+                errors.append({"id": video_id, "path": record.path, "source_row": record.source_row,
+                               "reason": err.reason, "message": err.message})
+                continue
+            except Exception as err:  # a decoder bug must not kill the job: record it like bad input
+                errors.append({"id": video_id, "path": record.path, "source_row": record.source_row,
+                               "reason": "decode_error", "message": f"{type(err).__name__}: {err}"})
+                continue
+            for plan, array in zip(plans, decoded):
+                clips.append({
+                    "id": stable_hash([video_id, round(plan.start, 6), plan.bucket.name]),
+                    "caption": record.caption, "source_path": record.path, "source_row": record.source_row,
+                    "clip_start": plan.start, "clip_end": plan.end, "fps": fps, "bucket": plan.bucket.name,
+                    "shape": list(array.shape), "_sort": (order[plan.bucket.name], row_in_unit, plan.index),
+                })
+                arrays.append(array)
+        # Shard rows go by bucket (table order), then manifest row, then clip: the loader relies on it.
+        ranked = sorted(range(len(clips)), key=lambda i: clips[i].pop("_sort"))
+        meta = {"videos": len(videos), "clips": [clips[i] for i in ranked], "errors": errors}
+        out["unit_id"].append(unit_id)
+        out["meta"].append(json.dumps(meta))
+        out["video"].append(_flat([arrays[i] for i in ranked]).astype(np.float32, copy=False))
+    return {"unit_id": np.array(out["unit_id"]), "meta": np.array(out["meta"]), "video": _objects(out["video"])}
+
+
+def _set_threads(num_cpus: float) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+
+
+def _check_fingerprint(what: str, expected: dict, actual: dict) -> None:
+    from pipeline.data.fingerprint import fingerprint_diff
+
+    diff = fingerprint_diff(expected, actual)
+    if diff:
+        raise RuntimeError(f"{what} on this worker differs from the one the run was started with "
+                           f"({'; '.join(diff)}): every node must see the same weights")
+
+
+class VAEStage:
+    """Ray actor: loads the VAE once, encodes each unit's clips in batches of one shape."""
+
+    def __init__(self, *, kind: str, build_kwargs: dict, fingerprint: dict, batch_size: int, num_cpus: float):
+        from pipeline.data.vae import build_vae
+
+        _set_threads(num_cpus)
+        self.vae = build_vae(kind, **build_kwargs)
+        _check_fingerprint(f"{kind} VAE", fingerprint, self.vae.fingerprint())
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        metas, latents_out = [], []
+        for meta_json, video in zip(batch["meta"], batch["video"]):
+            meta, latents, offset, i = json.loads(meta_json), [], 0, 0
+            clips = meta["clips"]
+            while i < len(clips):
+                # Consecutive clips of one shape (rows are sorted by bucket) are contiguous in `video`.
+                shape = clips[i]["shape"]
+                n = 1
+                while n < self.batch_size and i + n < len(clips) and clips[i + n]["shape"] == shape:
+                    n += 1
+                size = int(np.prod(shape))
+                chunk = torch.from_numpy(np.array(video[offset:offset + n * size])).view(n, *shape)  # writable copy
+                z = self.vae.encode(chunk.to(self.vae.device)).float().cpu()  # (n, C, T', H', W')
+                for k in range(n):
+                    clips[i + k]["latent_shape"] = list(z.shape[1:])
+                latents.append(z.numpy().reshape(-1))
+                offset, i = offset + n * size, i + n
+            metas.append(json.dumps(meta))
+            latents_out.append(_flat(latents))
+        return {"unit_id": batch["unit_id"], "meta": np.array(metas), "latent": _objects(latents_out)}
+
+
+class TextStage:
+    """Ray actor: loads the text encoder once, encodes each unit's distinct captions."""
+
+    def __init__(self, *, kind: str, build_kwargs: dict, fingerprint: dict, batch_size: int, num_cpus: float):
+        from pipeline.data.text import build_text_encoder
+
+        _set_threads(num_cpus)
+        self.encoder = build_text_encoder(kind, **build_kwargs)
+        _check_fingerprint(f"{kind} text encoder", fingerprint, self.encoder.fingerprint())
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict) -> dict:
+        metas, texts = [], []
+        for meta_json in batch["meta"]:
+            meta = json.loads(meta_json)
+            captions = list(dict.fromkeys(c["caption"] for c in meta["clips"]))  # distinct, in order
+            valid: dict[str, np.ndarray] = {}
+            for first in range(0, len(captions), self.batch_size):
+                chunk = captions[first:first + self.batch_size]
+                emb, mask = self.encoder.encode(chunk)  # (B, L, D), (B, L)
+                emb, mask = emb.float().cpu().numpy(), mask.cpu().numpy()
+                for caption, e, m in zip(chunk, emb, mask):
+                    length = int(m.sum())
+                    if not m[:length].all():
+                        raise RuntimeError(f"text encoder mask for {caption!r} is not a prefix; "
+                                           "shards store the first `length` tokens only")
+                    valid[caption] = e[:length]  # (length, D)
+            for clip in meta["clips"]:
+                clip["text_length"] = int(valid[clip["caption"]].shape[0])
+            meta["text_dim"] = int(self.encoder.dim)
+            metas.append(json.dumps(meta))
+            texts.append(_flat([valid[c["caption"]] for c in meta["clips"]]).astype(np.float32, copy=False))
+        return {"unit_id": batch["unit_id"], "meta": np.array(metas), "latent": batch["latent"],
+                "text": _objects(texts)}
+
+
+def write_units(batch: dict, *, output: str, storage_dtype: str) -> dict:
+    """Write each unit's errors file, then its shard (the shard's existence marks the unit done)."""
+    out = {"unit_id": [], "videos": [], "clips": [], "failures": [], "written_at": []}
+    for unit_id, meta_json, latent, text in zip(batch["unit_id"], batch["meta"], batch["latent"], batch["text"]):
+        meta = json.loads(meta_json)
+        rows, lat_off, txt_off = [], 0, 0
+        dim = meta.get("text_dim", 0)
+        for clip in meta["clips"]:
+            shape = clip["latent_shape"]
+            n_lat, n_txt = int(np.prod(shape)), clip["text_length"] * dim
+            rows.append(ShardRow(
+                id=clip["id"], caption=clip["caption"], latent=latent[lat_off:lat_off + n_lat].reshape(shape),
+                text=text[txt_off:txt_off + n_txt].reshape(clip["text_length"], dim),
+                source_path=clip["source_path"], source_row=clip["source_row"], clip_start=clip["clip_start"],
+                clip_end=clip["clip_end"], fps=clip["fps"], bucket=clip["bucket"],
+            ))
+            lat_off, txt_off = lat_off + n_lat, txt_off + n_txt
+        failures: dict[str, int] = {}
+        for e in meta["errors"]:
+            failures[e["reason"]] = failures.get(e["reason"], 0) + 1
+        buckets: dict[str, int] = {}
+        for r in rows:
+            buckets[r.bucket] = buckets.get(r.bucket, 0) + 1
+        if meta["errors"]:
+            write_jsonl_atomic(errors_path(output, unit_id), [{"unit_id": unit_id, **e} for e in meta["errors"]])
+        else:  # a file fixed since an interrupted attempt must not stay listed as failed
+            errors_path(output, unit_id).unlink(missing_ok=True)
+        shard_meta = {"unit_id": unit_id, "videos": meta["videos"], "buckets": buckets, "failures": failures}
+        write_shard(shard_path(output, unit_id), shard_table(rows, storage_dtype=storage_dtype, metadata=shard_meta))
+        out["unit_id"].append(unit_id)
+        out["videos"].append(meta["videos"])
+        out["clips"].append(len(rows))
+        out["failures"].append(json.dumps(failures))
+        out["written_at"].append(time.time())
+    return {k: np.array(v) for k, v in out.items()}
