@@ -218,7 +218,7 @@ class PixelCodec(VideoVAE):
     def fingerprint(self) -> dict:
         config = self.config()
         return {"kind": self.kind, "source": None, "config": config, "config_hash": hash_config(config),
-                "weights_hash": None, "dtype": dtype_name(self.dtype), **_geometry(self)}
+                "weights_hash": None, "dtype": dtype_name(self.dtype), **geometry_fields(self)}
 
     def save(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)
@@ -227,7 +227,7 @@ class PixelCodec(VideoVAE):
         return folder
 
 
-def _geometry(vae: VideoVAE) -> dict:
+def geometry_fields(vae: VideoVAE) -> dict:
     return {"latent_channels": vae.latent_channels, "temporal_compression": vae.temporal_compression,
             "spatial_compression": vae.spatial_compression, "scaling_factor": vae.scaling_factor,
             "shift_factor": vae.shift_factor}

@@ -21,7 +21,7 @@ from pipeline.data.fingerprint import (
     load_error,
     parse_dtype,
 )
-from pipeline.data.vae import VideoVAE, _geometry
+from pipeline.data.vae import VideoVAE, geometry_fields
 
 
 class _DiffusersVAE(VideoVAE):
@@ -112,7 +112,7 @@ class _DiffusersVAE(VideoVAE):
             "kind": self.kind, "class": type(self.model).__name__, "source": self.source,
             "subfolder": self.subfolder, "seed": self.seed, "config": config,
             "config_hash": hash_config(config), "weights_hash": self._weights_hash,
-            "dtype": dtype_name(self.dtype), **_geometry(self),
+            "dtype": dtype_name(self.dtype), **geometry_fields(self),
             "options": {"tiling": self.tiling, "slicing": self.slicing},
         }
 
