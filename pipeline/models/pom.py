@@ -122,7 +122,7 @@ class PoM(nn.Module):
         return PoMState((h * weights).sum(dim=2), weights.sum(dim=2))
 
     def select(self, x: torch.Tensor, mean_state: torch.Tensor) -> torch.Tensor:
-        """Gate the mean state by each query and project back: x (B, N, D), mean (B, N or 1, S)."""
+        """Gate the mean state by each query and project back: x (..., N, D), mean (..., N or 1, S)."""
         gate = self.to_gate(x)  # (B, N, S)
         gate = torch.sigmoid(gate) if self.variant == "v1" else F.hardsigmoid(gate)
         return self.to_out(gate * mean_state)  # (B, N, D)
@@ -146,8 +146,11 @@ class PoM(nn.Module):
                 frame_state = self.aggregate_frames(x, frame_tokens, context_mask)
                 prefix = self.reducer.reduce_causal(frame_state)  # (B, F, S), (B, F, 1)
                 mean = prefix.sum / prefix.count.clamp_min(1.0)  # (B, F, S)
-                mean = mean.repeat_interleave(frame_tokens, dim=1)  # (B, N, S)
-                return self.select(x, mean)
+                # Broadcast each frame's mean over its tokens instead of repeating it: a repeated
+                # (B, N, S) copy would also be saved for backward, 4x the size of x at expand 2.
+                batch, tokens, dim = x.shape
+                frames = x.reshape(batch, tokens // frame_tokens, frame_tokens, dim)  # (B, F, T, D)
+                return self.select(frames, mean.unsqueeze(2)).reshape(batch, tokens, dim)
             state = self.reducer.reduce(self.aggregate(x, context_mask))
         else:
             if frame_tokens is not None:
