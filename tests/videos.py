@@ -19,7 +19,7 @@ Pytest fixtures (tests/conftest.py, session-scoped, made once per test session):
     truncated        H.264 MP4, index (moov) first, last 60% of the bytes cut off: the header
                      claims 3 s, about 0.45 s can be decoded
     truncated_index  H.264 MP4, index last, cut in half: the index is gone too
-    corrupt          a Matroska header followed by random bytes
+    corrupt          the Matroska magic number followed by random bytes
     text_mp4         a text file named .mp4
     audio_only       an MP4 with only an AAC audio track
     missing          a path that does not exist
@@ -226,7 +226,7 @@ def make_test_videos(folder: Path | str) -> VideoSet:
     mkv = make_video(d / "corrupt_source.mkv", num_frames=30)
     corrupt = d / "corrupt.mkv"
     noise = np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes()
-    corrupt.write_bytes(mkv.path.read_bytes()[:40] + noise)
+    corrupt.write_bytes(mkv.path.read_bytes()[:4] + noise)  # the EBML magic, then nothing valid
     text = d / "not_a_video.mp4"
     text.write_text("this is a caption, not a video\n" * 20)
     audio = d / "audio_only.mp4"

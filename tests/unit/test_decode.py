@@ -1,0 +1,252 @@
+"""Probing and decoding: which frames are chosen, resize + crop, both backends, every failure.
+
+The test videos show their frame index as a binary pattern (tests/videos.py), so every test
+reads back which source frame landed at each position of the clip.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from pipeline.data import decode_backends
+from pipeline.data.buckets import parse_buckets
+from pipeline.data.decode import (
+    REASONS,
+    DecodeError,
+    decode_clip,
+    plan_clips,
+    probe,
+    resize_geometry,
+    select_frames,
+    target_times,
+)
+from pipeline.data.manifest import VideoRecord
+from tests.videos import VFR_TIMESTAMPS, read_frame_index
+
+BACKENDS = ["decord", "pyav"]
+
+
+def indices(clip: np.ndarray) -> list[int]:
+    """The source frame index shown at each time step of a (3, T, H, W) clip."""
+    return [read_frame_index(clip[:, t]) for t in range(clip.shape[1])]
+
+
+def expected(timestamps, start: float, frames: int, fps: float) -> list[int]:
+    """The rule, computed the slow way: the last frame shown at or before each target time."""
+    out = []
+    for k in range(frames):
+        t = start + k / fps
+        out.append(max(j for j, ts in enumerate(timestamps) if ts <= t + 1e-3))
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name, fps, start, frames, literal", [
+    ("fps60", 15, 0.0, 9, [0, 4, 8, 12, 16, 20, 24, 28, 32]),  # every 4th frame
+    ("fps60", 15, 1.25, 5, [75, 79, 83, 87, 91]),  # after a seek (keyframe every 10 frames)
+    ("fps24", 8, 0.0, 17, list(range(0, 49, 3))),  # every 3rd; needs 2.0 s of the 3 s video
+    ("fps24", 8, 0.5, 6, [12, 15, 18, 21, 24, 27]),
+    ("fps30", 12, 0.0, 8, [0, 2, 5, 7, 10, 12, 15, 17]),  # a ratio of 2.5: floor(2.5 k)
+    ("fps24", 30, 0.0, 8, [0, 0, 1, 2, 3, 4, 4, 5]),  # target above the source: frames repeat
+    ("vfr", 10, 0.0, 17, [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 31, 32, 33, 34, 35, 36]),
+    ("vfr", 10, 0.85, 8, [25, 28, 30, 31, 32, 33, 34, 35]),  # across the 30 -> 10 fps change
+    ("vfr", 45, 0.9, 6, [27, 27, 28, 29, 29, 30]),  # 30 fps part, then 1.0 s is frame 30
+])
+def test_frames_chosen_by_timestamp(test_videos, backend, name, fps, start, frames, literal):
+    video = getattr(test_videos, name)
+    clip = decode_clip(video.path, frames=frames, height=32, width=32, fps=fps, start=start, backend=backend)
+    assert clip.shape == (3, frames, 32, 32) and clip.dtype == np.float32
+    assert indices(clip) == literal == expected(video.timestamps, start, frames, fps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["h264_mp4", "mpeg4_avi", "vp9_webm", "h264_mkv"])
+def test_every_container_and_codec(test_videos, backend, name):
+    video = getattr(test_videos, name)
+    clip = decode_clip(video.path, frames=17, height=24, width=32, fps=10, start=0.3, backend=backend)
+    assert clip.shape == (3, 17, 24, 32) and clip.dtype == np.float32
+    assert indices(clip) == [9 + 3 * k for k in range(17)]
+    # Black and white cells land near -1 and 1; nothing leaves [-1, 1].
+    assert -1.0 <= clip.min() < -0.9 and 0.9 < clip.max() <= 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name, height, width", [
+    ("landscape", 32, 32), ("portrait", 32, 32), ("landscape", 20, 40), ("portrait", 40, 20),
+    ("landscape", 70, 70),  # upscaled
+])
+def test_resize_then_center_crop(test_videos, backend, name, height, width):
+    # The code sits in the central square of the source: only a centred crop reads back right.
+    video = getattr(test_videos, name)
+    clip = decode_clip(video.path, frames=4, height=height, width=width, fps=10, backend=backend)
+    assert clip.shape == (3, 4, height, width)
+    assert indices(clip) == [0, 3, 6, 9]
+
+
+def test_resize_geometry():
+    assert resize_geometry(720, 1280, 256, 256) == (256, 455, 0, 99, 256, 256)
+    assert resize_geometry(720, 1280, 256, 448) == (256, 455, 0, 3, 256, 448)
+    assert resize_geometry(1280, 720, 256, 448) == (796, 448, 270, 0, 256, 448)
+    assert resize_geometry(10, 10, 20, 30) == (30, 30, 5, 0, 20, 30)
+
+
+@pytest.mark.parametrize("name, height, width", [("landscape", 20, 36), ("vp9_webm", 40, 80), ("fps30", 32, 32)])
+def test_backends_agree(test_videos, name, height, width):
+    # Both scale in libswscale; pixels differ only by rounding (means of 0.003-0.013 measured).
+    kw = dict(frames=6, height=height, width=width, fps=7.5, start=0.2)
+    a = decode_clip(getattr(test_videos, name).path, backend="decord", **kw)
+    b = decode_clip(getattr(test_videos, name).path, backend="pyav", **kw)
+    assert np.abs(a - b).mean() < 0.02
+
+
+def test_select_frames_rule():
+    times = np.array([0.0, 0.1, 0.2, 0.25, 0.5])
+    # Last frame at or before each time; 1 ms of slack for rounded container times.
+    assert select_frames(times, np.array([0.0, 0.0995, 0.15, 0.2499, 0.49, 0.7])).tolist() == [0, 1, 1, 3, 3, 4]
+    assert select_frames(times + 0.05, np.array([0.0])).tolist() == [0]  # before the first frame
+    assert target_times(1.0, 3, 4).tolist() == [1.0, 1.25, 1.5]
+
+
+def test_probe_good_videos(test_videos):
+    for name, video in test_videos.good().items():
+        info = probe(video.path)
+        assert (info.width, info.height, info.num_frames) == (video.width, video.height, video.num_frames), name
+        assert info.duration == pytest.approx(video.num_frames / video.fps, abs=2e-3), name
+        assert info.fps == pytest.approx(video.fps, rel=1e-3), name
+        assert info.backend == "pyav" and not info.truncated, name
+    vfr = probe(test_videos.vfr.path)
+    assert vfr.duration == pytest.approx(VFR_TIMESTAMPS[-1] + 1 / 30, abs=2e-3)
+
+
+def test_probe_bad_videos(test_videos):
+    cut = probe(test_videos.truncated.path)  # readable, but less than the header claims
+    assert cut.truncated and cut.num_frames < 30 and cut.claimed_duration == pytest.approx(3.0)
+    for name, reason in [("missing", "missing"), ("text_mp4", "not_a_video"), ("audio_only", "not_a_video"),
+                         ("corrupt", "corrupt"), ("truncated_index", "truncated")]:
+        with pytest.raises(DecodeError) as info:
+            probe(getattr(test_videos, name))
+        assert info.value.reason == reason, name
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+def test_every_failure_has_its_reason(test_videos, backend):
+    for name, (path, reason) in test_videos.bad().items():
+        with pytest.raises(DecodeError) as info:
+            decode_clip(path, frames=17, height=32, width=32, fps=8, backend=backend)
+        assert info.value.reason == reason, (name, info.value)
+        assert str(path) in info.value.message
+
+
+def test_truncated_file_still_gives_its_intact_part(test_videos):
+    path = test_videos.truncated.path
+    kw = dict(frames=4, height=32, width=32, fps=10)
+    assert indices(decode_clip(path, backend="pyav", **kw)) == [0, 3, 6, 9]
+    assert indices(decode_clip(path, backend="auto", **kw)) == [0, 3, 6, 9]  # PyAV after decord fails
+    with pytest.raises(DecodeError, match="cut off") as info:
+        decode_clip(path, backend="decord", **kw)
+    assert info.value.reason == "truncated"
+    for backend in BACKENDS:  # a clip running past the cut
+        with pytest.raises(DecodeError) as info:
+            decode_clip(path, frames=4, height=32, width=32, fps=2, backend=backend)
+        assert info.value.reason == "truncated"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_too_short_boundaries(test_videos, backend):
+    # too_short.mp4: 5 frames at 30 fps, shown until 0.1667 s.
+    path = test_videos.too_short.path
+    clip = decode_clip(path, frames=5, height=16, width=16, fps=30, backend=backend)
+    assert indices(clip) == [0, 1, 2, 3, 4]
+    clip = decode_clip(path, frames=2, height=16, width=16, fps=10, start=0.05, backend=backend)
+    assert indices(clip) == [1, 4]  # 0.15 s still shows the last frame
+    for frames, fps, start in [(6, 30, 0.0), (2, 10, 0.07), (1, 30, 0.2)]:
+        with pytest.raises(DecodeError) as info:
+            decode_clip(path, frames=frames, height=16, width=16, fps=fps, start=start, backend=backend)
+        assert info.value.reason == "too_short"
+
+
+@pytest.mark.parametrize("keep", [0.05, 0.3, 0.6, 0.9])
+def test_damaged_files_never_crash(test_videos, tmp_path, keep):
+    # Cut every kind of file at several points, and overwrite its middle with noise: each decode
+    # returns a clip or raises DecodeError, whatever the bytes; a cut file says "truncated".
+    rng = np.random.default_rng(int(keep * 100))
+    for name, video in test_videos.good().items():
+        data = video.path.read_bytes()
+        cut = tmp_path / f"cut_{name}{video.path.suffix}"
+        cut.write_bytes(data[: int(len(data) * keep)])
+        noisy = tmp_path / f"noisy_{name}{video.path.suffix}"
+        middle = int(len(data) * keep)
+        noisy.write_bytes(data[:middle] + rng.integers(0, 256, 64, dtype=np.uint8).tobytes() + data[middle + 64:])
+        for path, reasons in ((cut, {"truncated"}), (noisy, REASONS)):
+            for backend in ["auto", *BACKENDS]:
+                try:
+                    clip = decode_clip(path, frames=4, height=16, width=16, fps=8, backend=backend)
+                    assert clip.shape == (3, 4, 16, 16) and np.isfinite(clip).all()
+                except DecodeError as e:
+                    assert e.reason in reasons, (path.name, backend, e)
+
+
+def test_auto_falls_back_to_pyav(test_videos, monkeypatch):
+    def broken(*args, **kwargs):
+        raise DecodeError("corrupt", "decord says no")
+
+    monkeypatch.setattr(decode_backends, "decode_decord", broken)
+    path = test_videos.fps30.path
+    assert indices(decode_clip(path, frames=3, height=16, width=16, fps=10)) == [0, 3, 6]
+    with pytest.raises(DecodeError, match="decord says no"):
+        decode_clip(path, frames=3, height=16, width=16, fps=10, backend="decord")
+    monkeypatch.setattr(decode_backends, "HAVE_DECORD", False)
+    assert indices(decode_clip(path, frames=3, height=16, width=16, fps=10)) == [0, 3, 6]
+    with pytest.raises(ValueError, match="decord is not installed"):
+        decode_clip(path, frames=3, height=16, width=16, fps=10, backend="decord")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decoder_threads(test_videos, backend):
+    clip = decode_clip(test_videos.fps60.path, frames=5, height=16, width=16, fps=15, start=0.5,
+                       backend=backend, threads=2)
+    assert indices(clip) == [30, 34, 38, 42, 46]
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(backend="ffmpeg"), "backend='ffmpeg'"), (dict(frames=0), "frames=0"), (dict(height=2.5), "height=2.5"),
+    (dict(fps=0), "fps=0"), (dict(start=-1.0), "start=-1.0"), (dict(threads=0), "threads=0"),
+])
+def test_argument_checks(test_videos, kwargs, words):
+    args = dict(frames=2, height=16, width=16, fps=8) | kwargs
+    with pytest.raises(ValueError, match=words):
+        decode_clip(test_videos.fps30.path, **args)
+
+
+def test_plan_clips(test_videos):
+    table = parse_buckets("17x32x32,17x32x64")
+
+    def record(path, **kw):
+        return VideoRecord(path=str(path), caption="x", source_row=0, source="m.csv", **kw)
+
+    info = probe(test_videos.fps60.path)  # 3 s, square
+    plans = plan_clips(record(test_videos.fps60.path), info, table, fps=12, clips_per_video=4)
+    assert [p.index for p in plans] == [0, 1] and plans[0].bucket.name == "17x32x32"
+    assert plans[0].start == 0.0 and plans[1].start == pytest.approx(1.5) and plans[0].end == pytest.approx(17 / 12)
+    clip = decode_clip(test_videos.fps60.path, frames=17, height=32, width=32, fps=12, start=plans[1].start)
+    assert indices(clip) == [90 + 5 * k for k in range(17)]
+    landscape = plan_clips(record(test_videos.landscape.path), probe(test_videos.landscape.path), table, fps=10)
+    assert [p.bucket.name for p in landscape] == ["17x32x64"]
+    with pytest.raises(DecodeError, match="shortest bucket") as error:
+        plan_clips(record(test_videos.fps60.path, start=1.8), info, table, fps=12)
+    assert error.value.reason == "too_short"
+    truncated = test_videos.truncated.path
+    with pytest.raises(DecodeError, match="header claims") as error:
+        plan_clips(record(truncated), probe(truncated), table, fps=12)
+    assert error.value.reason == "truncated"
+
+
+def test_decode_error_is_machine_readable_and_picklable():
+    error = DecodeError("truncated", "/x.mp4: cut off")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.reason, copy.message, str(copy)) == ("truncated", "/x.mp4: cut off", "truncated: /x.mp4: cut off")
+    with pytest.raises(ValueError, match="expected one of"):
+        DecodeError("weird", "?")
