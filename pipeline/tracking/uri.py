@@ -6,8 +6,9 @@ Precedence: an explicit URI (`--tracking-uri`), else `MLFLOW_TRACKING_URI`, else
 MLflow's HTTP client retries a refused connection with exponential backoff for minutes by default
 (7 retries, factor 2). A trainer must neither hang at start nor stall behind those retries when the
 server dies, so for HTTP stores we (a) probe `/health` once at start with a short timeout and no
-retries, and (b) lower MLflow's own retries: `pipeline.tracking` retries in its background thread,
-with its own bound, instead. Values the user exported explicitly are left alone.
+retries, and (b) turn MLflow's own retries off: `pipeline.tracking` retries in its background thread,
+with its own bound and one warning per outage, instead (urllib3 would also log a warning per retry).
+Values the user exported explicitly are left alone.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 # MLflow HTTP settings applied (unless already set) for http(s) stores; see the module docstring.
 HTTP_ENV_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }

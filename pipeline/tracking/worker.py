@@ -223,7 +223,7 @@ class LogWorker:
             self._down = True
             logger.warning(
                 "MLflow tracking at %s failed (%s: %s) on %s after %d attempts; dropping logging "
-                "calls until it answers again (training continues)",
+                "calls until it is back (training continues)",
                 self.target,
                 type(err).__name__,
                 _first_line(err),
@@ -235,7 +235,7 @@ class LogWorker:
         if self._down:
             self._down = False
             logger.warning(
-                "MLflow tracking at %s answers again; %d logging calls were dropped while it was away",
+                "MLflow tracking at %s is back; %d logging calls were dropped while it was away",
                 self.target,
                 self._dropped_burst,
             )
