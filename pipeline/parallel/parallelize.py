@@ -22,6 +22,16 @@ from pipeline.parallel.sharding import FrameShard, shard_latents
 _MARK = "_pomvid_sequence_parallel"
 
 
+class _Applied:
+    """What parallelize_pom_dit left on the model; shared (not copied) by deepcopy, like the groups."""
+
+    def __init__(self, dims: ParallelDims, counter: CommCounter):
+        self.dims, self.counter = dims, counter
+
+    def __deepcopy__(self, memo) -> _Applied:
+        return self
+
+
 def parallelize_pom_dit(model: nn.Module, dims: ParallelDims, *, counter: CommCounter | None = None) -> nn.Module:
     """Make `model` (a PoMDiT) run on this rank's slice of token-frames; returns the same model.
 
@@ -36,7 +46,7 @@ def parallelize_pom_dit(model: nn.Module, dims: ParallelDims, *, counter: CommCo
     if getattr(model, _MARK, None) is not None:
         raise RuntimeError("parallelize_pom_dit was already applied to this model")
     counter = counter if counter is not None else CommCounter()
-    setattr(model, _MARK, {"dims": dims, "counter": counter})
+    setattr(model, _MARK, _Applied(dims, counter))
     if not dims.sp_enabled:
         return model
 
@@ -65,7 +75,7 @@ def parallelize_pom_dit(model: nn.Module, dims: ParallelDims, *, counter: CommCo
 def comm_counter(model: nn.Module) -> CommCounter | None:
     """The CommCounter of a model prepared by `parallelize_pom_dit` (None if it was not)."""
     mark = getattr(model, _MARK, None)
-    return None if mark is None else mark["counter"]
+    return None if mark is None else mark.counter
 
 
 @dataclass(kw_only=True)

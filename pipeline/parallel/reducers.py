@@ -56,5 +56,10 @@ class SequenceParallelReducer(StateReducer):
         lower = sum_of_lower_ranks(rank_total, self.group, counter=self.counter, layer=self.layer)
         return _unpack(local_prefix + lower.unsqueeze(1))  # (B, F_local, S + 1): global inclusive prefix
 
+    def __deepcopy__(self, memo) -> SequenceParallelReducer:
+        # A copy of the model (e.g. its EMA) shares the process group and the counter: process groups
+        # cannot be copied, and the copy's collectives belong to the same run.
+        return SequenceParallelReducer(self.group, counter=self.counter, layer=self.layer)
+
     def __repr__(self) -> str:
         return f"SequenceParallelReducer(layer={self.layer!r})"

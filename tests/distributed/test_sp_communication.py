@@ -4,6 +4,8 @@ when the video has 4x the tokens; clear errors for a bad world size and for sp >
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -46,13 +48,21 @@ def communication_worker(rank: int, world_size: int) -> dict:
     dims = ParallelDims(dp=1, sp=world_size)
     runs = {f"{'causal' if causal else 'bidirectional'}-{size}": _train_steps(dims, causal, frames)
             for causal in (False, True) for size, frames in FRAMES.items()}
+    # A copy of a parallelized model (the trainer's EMA) shares the groups and gives the same output.
+    model = parallelize_pom_dit(tiny_dit(causal=True, seed=3), dims)
+    copied = copy.deepcopy(model)
+    x = tiny_inputs(batch=1, frames=4, seed=4, causal=True)
+    local = shard_batch(x["latents"], dims, timesteps=x["timesteps"])
+    args = (local.latents, local.timesteps, x["text"], x["text_mask"], local.shard.frame_mask,
+            local.shard.frame_offset)
+    same_copy = bool(torch.equal(model(*args), copied(*args)))
     one_frame = torch.zeros(1, 4, 1, SIDE, SIDE)
     errors = {
         "world": _error(lambda: ParallelDims(dp=2, sp=world_size)),
         "frames": _error(lambda: shard_batch(one_frame, dims)),
         "check_frames": _error(lambda: dims.check_frames(1)),
     }
-    return {"runs": runs, "errors": errors}
+    return {"runs": runs, "errors": errors, "same_copy": same_copy}
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +91,7 @@ def test_clear_errors(measured):
     assert "dp=2" in errors["world"] and "sp=2" in errors["world"] and "world size 2" in errors["world"]
     for key in ("frames", "check_frames"):
         assert "sp=2 is larger than the number of latent token-frames 1" in errors[key]
+
+
+def test_a_copy_of_the_parallel_model_still_works(measured):
+    assert measured["same_copy"]
