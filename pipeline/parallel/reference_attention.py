@@ -13,6 +13,10 @@ collectives through pipeline/parallel/collectives.py (so the CommCounter measure
 Local attention uses PyTorch's CPU flash-attention kernels, which return the log-sum-exp ring
 attention needs; these layers are for CPU benchmarks and tests (tests/distributed), not training.
 Both are tested against single-device attention.
+
+`exact=False` swaps only the local attention math for an O(N) stand-in of the same shapes (the
+output is V; the gradients flow to Q, K and V) so that a CPU benchmark can reach long sequences: the
+collectives, their tensors and their order are unchanged, so the bytes measured are the same.
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 class _Attention(nn.Module):
     """QKV projection, attention over all tokens of the group, output projection."""
 
-    def __init__(self, dim: int, heads: int, group, *, counter: CommCounter | None = None, layer: str = ""):
+    def __init__(self, dim: int, heads: int, group, *, counter: CommCounter | None = None, layer: str = "",
+                 exact: bool = True):
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} must be a multiple of heads {heads}")
         self.heads, self.group, self.counter, self.layer = heads, group, counter, layer
+        self.exact = exact
         self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def _qkv(self, x: torch.Tensor):
@@ -54,7 +60,11 @@ class UlyssesAttention(_Attention):
         # (B, N/P, h, d/h) -> (B, N, h/P, d/h): scatter heads (dim 2), gather tokens (dim 1).
         q, k, v = (all_to_all(t, 2, 1, self.group, **kw) for t in self._qkv(x))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, h/P, N, d/h)
-        o = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, N, h/P, d/h)
+        if self.exact:
+            o = nn.functional.scaled_dot_product_attention(q, k, v)  # (B, h/P, N, d/h)
+        else:
+            o = v + 0 * (q + k)  # the stand-in: same shapes and graph, O(N)
+        o = o.transpose(1, 2)  # (B, N, h/P, d/h)
         o = all_to_all(o.contiguous(), 1, 2, self.group, **kw)  # (B, N/P, h, d/h)
         return self.out(o.reshape(b, n, d))
 
@@ -65,25 +75,34 @@ class RingAttention(_Attention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = (t.transpose(1, 2).contiguous() for t in self._qkv(x))  # (B, h, N/P, d/h)
-        o = _RingAttentionFn.apply(q, k, v, self.group, self.counter, self.layer)
+        o = _RingAttentionFn.apply(q, k, v, self.group, self.counter, self.layer, self.exact)
         return self.out(o.transpose(1, 2).reshape(b, n, d))
+
+
+def _stand_in(q, k, v):
+    return v.clone(), torch.zeros(q.shape[:-1], dtype=q.dtype)  # output V, log-sum-exp 0
+
+
+def _stand_in_backward(grad_out, q, k, v, out, lse, dropout, causal):
+    return torch.zeros_like(q), torch.zeros_like(k), grad_out.clone()
 
 
 class _RingAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, counter, layer):
+    def forward(ctx, q, k, v, group, counter, layer, exact):
         p = dist.get_world_size(group)
+        attend = _flash if exact else _stand_in
         kv = torch.stack([k, v])  # (2, B, h, n, d/h): one message per hop
-        out, lse = _flash(q, kv[0], kv[1])  # own block: (B, h, n, d/h), (B, h, n)
+        out, lse = attend(q, kv[0], kv[1])  # own block: (B, h, n, d/h), (B, h, n)
         for _ in range(p - 1):
             kv = ring_exchange(kv, group, counter=counter, layer=layer)
-            block_out, block_lse = _flash(q, kv[0], kv[1])
+            block_out, block_lse = attend(q, kv[0], kv[1])
             # Merge two softmax-normalised partial results by their log-sum-exps.
             new_lse = torch.logaddexp(lse, block_lse)
             out = out * (lse - new_lse).exp().unsqueeze(-1) + block_out * (block_lse - new_lse).exp().unsqueeze(-1)
             lse = new_lse
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.counter, ctx.layer = group, counter, layer
+        ctx.group, ctx.counter, ctx.layer, ctx.exact = group, counter, layer, exact
         return out
 
     @staticmethod
@@ -92,8 +111,10 @@ class _RingAttentionFn(torch.autograd.Function):
         group, p, kw = ctx.group, dist.get_world_size(ctx.group), {"counter": ctx.counter, "layer": ctx.layer}
         grad_out = grad_out.contiguous()
 
+        attend_backward = _flash_backward if ctx.exact else _stand_in_backward
+
         def block_grads(kv):  # exact block gradients given the global output and log-sum-exp
-            return _flash_backward(grad_out, q, kv[0], kv[1], out, lse, 0.0, False)
+            return attend_backward(grad_out, q, kv[0], kv[1], out, lse, 0.0, False)
 
         dq, dk_own, dv_own = block_grads(torch.stack([k, v]))
         kv, travelling = torch.stack([k, v]), None  # travelling: gradient of the block held, so far
@@ -109,4 +130,4 @@ class _RingAttentionFn(torch.autograd.Function):
         if travelling is not None:  # last hop: block (r + 1)'s accumulator reaches its owner
             travelling = ring_exchange(travelling, group, direction=BACKWARD, **kw)
             dk_own, dv_own = dk_own + travelling[0], dv_own + travelling[1]
-        return dq, dk_own, dv_own, None, None, None
+        return dq, dk_own, dv_own, None, None, None, None
