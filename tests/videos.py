@@ -42,7 +42,8 @@ import numpy as np
 
 GRID = 3  # the code is a GRID x GRID grid of cells: frame indices 0 .. 2**(GRID*GRID) - 1
 CODECS = {  # codec name -> ffmpeg encoder arguments (fast, small, decodable everywhere)
-    "h264": ["-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p"],
+    # B-frames on (veryfast), so decoders must reorder; no scene-cut keyframes: exactly every `gop`.
+    "h264": ["-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p", "-sc_threshold", "0"],
     "mpeg4": ["-c:v", "mpeg4", "-q:v", "2", "-pix_fmt", "yuv420p"],
     "vp9": ["-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-crf", "20", "-b:v", "0",
             "-pix_fmt", "yuv420p"],

@@ -8,9 +8,11 @@ stream's first frame (the container's start offset is removed). A frame is shown
 next one starts; the last frame until the end of the stream, so t_{T-1} must lie before the end
 (see buckets.py). Several t_k may take the same frame (target fps above the source's).
 
-Only the chosen frames are converted: decord reads them with get_batch; PyAV seeks to the
-keyframe before `start` and decodes forward. Both scale in the decoder's own colour
-conversion (libswscale, bicubic), so only the small frames reach Python, then center-crop.
+Only the chosen frames are converted to RGB: decord reads them with get_batch; PyAV seeks to
+the keyframe before `start` and decodes forward. Several clips of one video (decode_clips) share
+one pass. Both backends then crop the centred region with the bucket's aspect ratio and scale it
+with torch (bilinear, antialiased, on uint8: cheaper than libswscale's scaling, and the same
+code for both backends).
 
 Every failure on bad input is a DecodeError whose `reason` is one of REASONS.
 """
@@ -20,9 +22,10 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from pipeline.data.buckets import TIME_TOLERANCE, Bucket, BucketTable, assign_bucket
 from pipeline.data.manifest import VideoRecord
@@ -103,33 +106,30 @@ def select_frames(timestamps: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.maximum(idx, 0)
 
 
-class Geometry(NamedTuple):
-    """How decoded frames become bucket-sized: scale to resized_*, then crop at (top, left)."""
-
-    resized_height: int
-    resized_width: int
-    top: int
-    left: int
-    height: int
-    width: int
-
-
-def resize_geometry(src_height: int, src_width: int, height: int, width: int) -> Geometry:
-    """Scale keeping the aspect ratio so the frame just covers height x width (the side that is
-    shorter relative to the bucket lands on it exactly), then center-crop the other side."""
+def crop_box(src_height: int, src_width: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, crop height, crop width): the centred region of the source with the bucket's
+    aspect ratio. Scaling it to height x width is "resize the shorter side (relative to the
+    bucket) onto the bucket, then center-crop", without scaling pixels that are cropped away."""
     scale = max(height / src_height, width / src_width)
-    rh, rw = max(height, round(src_height * scale)), max(width, round(src_width * scale))
-    return Geometry(rh, rw, (rh - height) // 2, (rw - width) // 2, height, width)
+    ch, cw = min(src_height, round(height / scale)), min(src_width, round(width / scale))
+    return (src_height - ch) // 2, (src_width - cw) // 2, ch, cw
 
 
-def to_model_range(frames: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """(T, resized_height, resized_width, 3) uint8 -> center crop -> (3, T, H, W) float32 in [-1, 1]."""
-    g = geometry
-    crop = frames[:, g.top:g.top + g.height, g.left:g.left + g.width]  # (T, H, W, 3)
-    out = np.empty((3, *crop.shape[:3]), np.float32)  # (3, T, H, W)
-    np.multiply(crop.transpose(3, 0, 1, 2), np.float32(1 / 127.5), out=out)
-    out -= 1.0
-    return out
+def resize_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """(T, h, w, 3) uint8 RGB -> (T, 3, height, width) uint8: crop_box, then bilinear scaling
+    with antialiasing (torch's uint8 kernel: about 4x faster than libswscale's bicubic)."""
+    top, left, ch, cw = crop_box(frames.shape[1], frames.shape[2], height, width)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, 3, h, w) channels-last
+    x = x[:, :, top:top + ch, left:left + cw]
+    if (ch, cw) != (height, width):
+        x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+def to_model_range(frames: torch.Tensor) -> np.ndarray:
+    """(T, 3, H, W) uint8 -> (3, T, H, W) float32 in [-1, 1]."""
+    out = frames.permute(1, 0, 2, 3).to(torch.float32)  # (3, T, H, W)
+    return out.mul_(1 / 127.5).sub_(1.0).contiguous().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,9 +244,10 @@ def plan_clips(record: VideoRecord, info: VideoInfo, table: BucketTable, fps: fl
             for i, s in enumerate(assignment.starts)]
 
 
-def decode_clip(path: str | os.PathLike, *, frames: int, height: int, width: int, fps: float,
-                start: float = 0.0, backend: str = "auto", threads: int = 1) -> np.ndarray:
-    """One clip: float32 (3, frames, height, width) in [-1, 1] (see the module docstring).
+def decode_clips(path: str | os.PathLike, *, starts: list[float], frames: int, height: int, width: int,
+                 fps: float, backend: str = "auto", threads: int = 1) -> list[np.ndarray]:
+    """Several clips of one video in one pass, each float32 (3, frames, height, width) in
+    [-1, 1], in the order of `starts` (see the module docstring for the frame choice).
 
     backend: "decord", "pyav", or "auto" (decord, then PyAV if decord fails for any reason
     but a clean too_short). threads: decoder threads (1 = one core per decode task).
@@ -258,25 +259,42 @@ def decode_clip(path: str | os.PathLike, *, frames: int, height: int, width: int
     for name, value in (("frames", frames), ("height", height), ("width", width), ("threads", threads)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}: must be a positive integer")
-    if not (fps > 0 and math.isfinite(fps)) or not (start >= 0 and math.isfinite(start)):
-        raise ValueError(f"fps={fps}, start={start}: fps must be > 0 and start >= 0")
-    path = os.fspath(path)
-    targets = target_times(start, frames, fps)
+    if not (fps > 0 and math.isfinite(fps)):
+        raise ValueError(f"fps={fps}: must be a positive number")
+    if not starts or not all(s >= 0 and math.isfinite(s) for s in starts):
+        raise ValueError(f"starts={starts}: give at least one start time, each a number >= 0")
     if backend == "decord" and not backends.HAVE_DECORD:
         raise ValueError("backend='decord' but decord is not installed; use 'pyav' or 'auto'")
+    path = os.fspath(path)
+    order = sorted(range(len(starts)), key=lambda i: starts[i])
+    clips = [target_times(starts[i], frames, fps) for i in order]
     use_decord = backend == "decord" or (backend == "auto" and backends.HAVE_DECORD)
     for library in (["decord"] if use_decord else []) + ([] if backend == "decord" else ["pyav"]):
         container, stream = open_container(path)  # classifies missing / not-a-video files
         try:
-            geometry = resize_geometry(stream.codec_context.height, stream.codec_context.width, height, width)
             if library == "pyav":
-                return backends.decode_pyav(path, container, stream, targets, geometry, threads)
-            try:
-                return backends.decode_decord(path, container, stream, targets, geometry, threads)
-            except DecodeError as e:
-                # A clean too_short is final; anything else gets a second chance with PyAV.
-                if backend == "decord" or e.reason == "too_short":
-                    raise
+                decoded = backends.decode_pyav(path, container, stream, clips, height, width, threads)
+            else:
+                try:
+                    decoded = backends.decode_decord(path, container, stream, clips, height, width, threads)
+                except DecodeError as e:
+                    # A clean too_short is final; anything else gets a second chance with PyAV.
+                    if backend == "decord" or e.reason == "too_short":
+                        raise
+                    continue
         finally:
             container.close()
+        out: list[np.ndarray] = [np.empty(0)] * len(starts)
+        for i, clip in zip(order, decoded):
+            out[i] = to_model_range(clip)
+        return out
     raise AssertionError("unreachable")  # the pyav pass returns or raises
+
+
+def decode_clip(path: str | os.PathLike, *, frames: int, height: int, width: int, fps: float,
+                start: float = 0.0, backend: str = "auto", threads: int = 1) -> np.ndarray:
+    """One clip: float32 (3, frames, height, width) in [-1, 1]; see decode_clips."""
+    if not (start >= 0 and math.isfinite(start)):
+        raise ValueError(f"start={start}: must be a number >= 0")
+    return decode_clips(path, starts=[start], frames=frames, height=height, width=width, fps=fps,
+                        backend=backend, threads=threads)[0]

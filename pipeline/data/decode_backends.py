@@ -1,22 +1,25 @@
-"""The two decoders behind decode.decode_clip (frame choice and conventions: see decode.py).
+"""The two decoders behind decode.decode_clips (frame choice and conventions: see decode.py).
 
-Both receive an open PyAV container (decode_clip opened it to classify bad files and read the
-frame size) and return float32 (3, T, H, W) in [-1, 1], or raise DecodeError.
+Both receive an open PyAV container (decode_clips opened it to classify bad files and read the
+frame size) and the target times of each clip (each increasing, clips sorted by start), and
+return one uint8 (T, 3, H, W) tensor per clip, or raise DecodeError. Several clips of one video
+share one pass over it: decord reads the union of their frames with get_batch; PyAV decodes
+forward and seeks only when a clip starts after a keyframe it has not reached yet.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from pipeline.data.buckets import TIME_TOLERANCE
 from pipeline.data.decode import (
     DecodeError,
-    Geometry,
     _frame_period,
     claimed_duration,
     probe,
+    resize_crop,
     select_frames,
-    to_model_range,
 )
 
 try:
@@ -26,6 +29,8 @@ try:
 except ImportError:  # decord has no wheels for some platforms (e.g. aarch64): PyAV does all
     decord = None
     HAVE_DECORD = False
+
+_DECORD_CHUNK = 8  # full-size frames held at once (a 4K RGB frame is 25 MB)
 
 
 def _first_line(error: BaseException) -> str:
@@ -58,35 +63,32 @@ def _shortfall(path: str, container, stream, have_end: float, targets: np.ndarra
     return DecodeError("too_short", f"{path}: the video lasts {have_end:.3f} s; {need}")
 
 
+# ---------------------------------------------------------------------------------------------
+# decord
+
+
 class _SizeQuirk(Exception):
-    """decord cannot hand out frames of a few widths (8, 12, 16, 24, 48, 72 in decord 0.6: its
-    copy check fails on their padded rows)."""
+    """decord 0.6 cannot hand out frames of a few widths (8, 12, 16, 24, 48, 72 seen): its copy
+    check fails on their padded rows."""
 
 
-def _widen(geometry: Geometry, src_height: int, src_width: int) -> Geometry:
-    """The same crop from frames scaled one pixel wider (and proportionally taller)."""
-    rw = geometry.resized_width + 1
-    rh = max(geometry.resized_height, round(rw * src_height / src_width))
-    return Geometry(rh, rw, (rh - geometry.height) // 2, (rw - geometry.width) // 2,
-                    geometry.height, geometry.width)
-
-
-def decode_decord(path: str, container, stream, targets: np.ndarray, geometry: Geometry,
-                  threads: int) -> np.ndarray:
-    """decord: timestamps from its index, get_batch on the chosen frames, scaled while decoding."""
+def decode_decord(path: str, container, stream, clips: list[np.ndarray], height: int, width: int,
+                  threads: int) -> list[torch.Tensor]:
+    """Timestamps from decord's index, then get_batch on the union of the chosen frames."""
+    src_h, src_w = stream.codec_context.height, stream.codec_context.width
+    size = (-1, -1)  # native size: torch resizes (faster than libswscale's bicubic, same for PyAV)
     for _ in range(3):
         try:
-            return _decode_decord(path, container, stream, targets, geometry, threads)
-        except _SizeQuirk:
-            geometry = _widen(geometry, stream.codec_context.height, stream.codec_context.width)
+            return _decode_decord(path, container, stream, clips, height, width, threads, size)
+        except _SizeQuirk:  # decode one pixel wider instead (only tiny videos hit this)
+            w = (src_w if size[0] < 0 else size[0]) + 1
+            size = (w, round(w * src_h / src_w))
     raise DecodeError("corrupt", f"{path}: decord cannot return frames of this size; use backend='pyav'")
 
 
-def _decode_decord(path: str, container, stream, targets: np.ndarray, geometry: Geometry,
-                   threads: int) -> np.ndarray:
+def _decode_decord(path, container, stream, clips, height, width, threads, size) -> list[torch.Tensor]:
     try:
-        reader = decord.VideoReader(path, ctx=decord.cpu(0), width=geometry.resized_width,
-                                    height=geometry.resized_height, num_threads=threads)
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), width=size[0], height=size[1], num_threads=threads)
     except Exception as e:
         raise _damaged(path, "decord cannot open it", e) from None
     try:
@@ -98,11 +100,15 @@ def _decode_decord(path: str, container, stream, targets: np.ndarray, geometry: 
         if np.any(np.diff(starts) < 0):
             raise DecodeError("corrupt", f"{path}: decord's frame times are out of order")
         end = float(times[-1, 1] - times[0, 0])
-        if targets[-1] > end - TIME_TOLERANCE:
-            raise _shortfall(path, container, stream, end, targets)
-        index = select_frames(starts, targets)
+        last = max(clips, key=lambda t: t[-1])
+        if last[-1] > end - TIME_TOLERANCE:
+            raise _shortfall(path, container, stream, end, last)
+        index = select_frames(starts, np.concatenate(clips))
         unique, inverse = np.unique(index, return_inverse=True)
-        batch = reader.get_batch(unique.tolist()).asnumpy()  # (U, rh, rw, 3) uint8
+        chunks = []
+        for i in range(0, len(unique), _DECORD_CHUNK):
+            batch = reader.get_batch(unique[i:i + _DECORD_CHUNK].tolist()).asnumpy()  # (u, h, w, 3)
+            chunks.append(resize_crop(batch, height, width))  # (u, 3, H, W) uint8
     except DecodeError:
         raise
     except Exception as e:  # decord raises its own DECORDError / RuntimeError on bad data
@@ -111,77 +117,144 @@ def _decode_decord(path: str, container, stream, targets: np.ndarray, geometry: 
         raise DecodeError("corrupt", f"{path}: decord failed reading frames ({_first_line(e)})") from None
     finally:
         del reader
-    expected = (len(unique), geometry.resized_height, geometry.resized_width, 3)
-    if batch.shape != expected:
-        raise DecodeError("corrupt", f"{path}: decord returned frames of shape {batch.shape}, not {expected}")
-    return to_model_range(batch[inverse.reshape(-1)], geometry)
+    frames = torch.cat(chunks)[torch.from_numpy(inverse.reshape(-1))]  # (sum T, 3, H, W)
+    return list(frames.split([len(t) for t in clips]))
+
+
+# ---------------------------------------------------------------------------------------------
+# PyAV
 
 
 class _Overshot(Exception):
-    """The seek landed after the first target time: decode again from the beginning."""
+    """A seek landed after the first target time (an inexact index)."""
 
 
-def decode_pyav(path: str, container, stream, targets: np.ndarray, geometry: Geometry,
-                threads: int) -> np.ndarray:
-    """PyAV: seek to the keyframe before the first target time, decode forward, convert only the
-    frames chosen."""
+class _Reader:
+    """Frames of one stream in time order, with the state that carries from clip to clip."""
+
+    def __init__(self, path: str, container, stream, height: int, width: int):
+        self.path, self.container, self.stream, self.height, self.width = path, container, stream, height, width
+        self.tb, self.origin, self.period = float(stream.time_base), stream.start_time or 0, _frame_period(stream)
+        self.keyframes: np.ndarray | None = None  # seconds; read when a second clip needs them
+        self.started = False
+        self.broken: Exception | None = None  # the error that ended the stream early, if any
+        self._reset(self._frames())
+
+    def _reset(self, frames) -> None:
+        self.frames, self.pending, self.just_seeked = frames, None, False
+        self.held = self.held_pixels = None  # the last frame at or before the next target
+        self.held_time, self.held_duration = -np.inf, self.period
+
+    def _frames(self):
+        packets = self.container.demux(self.stream)
+        while True:
+            try:
+                packet = next(packets, None)
+                decoded = packet.decode() if packet is not None else []
+            except Exception as e:  # damaged or cut-off data: keep what came before it
+                self.broken = e
+                try:  # drain the frames the decoder holds (B-frame reordering delays them)
+                    decoded, packet = self.stream.codec_context.decode(None), None
+                except Exception:
+                    decoded, packet = [], None
+            for frame in decoded:
+                time = (frame.pts - self.origin) * self.tb if frame.pts is not None \
+                    else self.held_time + self.held_duration
+                if time >= -TIME_TOLERANCE:  # earlier: pre-roll an edit list hides
+                    yield time, frame
+            if packet is None:
+                return
+
+    def seek(self, time: float) -> None:
+        self.container.seek(self.origin + int(max(time, 0.0) / self.tb), stream=self.stream, backward=True,
+                            any_frame=False)
+        self._reset(self._frames())
+        self.just_seeked = time > 0
+
+    def position(self) -> float:
+        """Time of the newest frame pulled from the decoder."""
+        return self.pending[0] if self.pending is not None else self.held_time
+
+    def should_seek(self, start: float) -> bool:
+        if start < self.held_time - TIME_TOLERANCE:
+            return True  # behind us (overlapping clips)
+        if not self.started:
+            return start > TIME_TOLERANCE
+        if self.keyframes is None:
+            self.keyframes = self._scan_keyframes()
+        before = self.keyframes[self.keyframes <= start + TIME_TOLERANCE]
+        # Seek only if a keyframe lies between here and the start: it skips decoding the gap.
+        return len(before) > 0 and before[-1] > self.position() + TIME_TOLERANCE
+
+    def _scan_keyframes(self) -> np.ndarray:
+        import av
+
+        with av.open(self.path) as container:  # a second handle: demuxing only, no decoding
+            stream = container.streams.video[0]
+            pts = [p.pts for p in container.demux(stream) if p.is_keyframe and p.pts is not None]
+        return np.sort((np.array(pts, dtype=np.float64) - self.origin) * self.tb)
+
+    def _convert(self) -> torch.Tensor:
+        if self.held_pixels is None:  # full-size RGB, then torch scales just the crop
+            self.held_pixels = resize_crop(self.held.to_ndarray(format="rgb24")[None], self.height, self.width)[0]
+        return self.held_pixels
+
+    def read(self, targets: np.ndarray) -> torch.Tensor:
+        """One clip's frames, (T, 3, H, W) uint8, continuing from where the last clip stopped."""
+        self.started = True
+        picks: list[torch.Tensor] = []
+        while len(picks) < len(targets):
+            item = self.pending if self.pending is not None else next(self.frames, None)
+            self.pending = None
+            if item is None:
+                break  # end of stream
+            time, frame = item
+            if self.just_seeked and self.held is None and time > targets[0] + TIME_TOLERANCE:
+                raise _Overshot
+            self.just_seeked = False
+            while len(picks) < len(targets) and time > targets[len(picks)] + TIME_TOLERANCE:
+                if self.held is None:  # targets before the first frame take the first frame
+                    self.held, self.held_time = frame, time
+                picks.append(self._convert())
+            if len(picks) == len(targets):
+                self.pending = item  # not yet shown: it may start the next clip
+                break
+            self.held, self.held_pixels, self.held_time = frame, None, time
+            self.held_duration = (frame.duration or 0) * self.tb or self.period
+        if self.held is None:
+            raise self.broken or RuntimeError("no frame could be decoded")  # decode_pyav classifies
+        end = self.held_time + self.held_duration  # the last frame is shown until the stream ends
+        # ...unless the stream broke off: then a later frame may be missing, so hold nothing.
+        while self.broken is None and len(picks) < len(targets) and targets[len(picks)] <= end - TIME_TOLERANCE:
+            picks.append(self._convert())
+        if len(picks) < len(targets):
+            if self.broken is not None:
+                raise self.broken  # decode_pyav tells cut off from damaged
+            raise _shortfall(self.path, self.container, self.stream, end, targets)
+        return torch.stack(picks)
+
+
+def decode_pyav(path: str, container, stream, clips: list[np.ndarray], height: int, width: int,
+                threads: int) -> list[torch.Tensor]:
+    """Seek to the keyframe before a clip's first target time (unless decoding on is cheaper),
+    decode forward, convert only the frames chosen."""
     context = stream.codec_context
     context.thread_count = threads
     if threads > 1:
         context.thread_type = "AUTO"
     try:
-        if targets[0] > TIME_TOLERANCE:
+        reader = _Reader(path, container, stream, height, width)
+        out = []
+        for targets in clips:
+            if reader.should_seek(targets[0]):
+                reader.seek(targets[0])
             try:
-                return _decode_forward(path, container, stream, targets, geometry, seek=True)
-            except _Overshot:  # rare (inexact indexes): start over from the first frame
-                container.seek(stream.start_time or 0, stream=stream, backward=True, any_frame=False)
-        return _decode_forward(path, container, stream, targets, geometry, seek=False)
+                out.append(reader.read(targets))
+            except _Overshot:  # rare (an inexact index): decode from the first frame instead
+                reader.seek(0.0)
+                out.append(reader.read(targets))
+        return out
     except DecodeError:
         raise
     except Exception as e:  # a demuxer or decoder error: a damaged file or a cut-off one
         raise _damaged(path, "decoding failed", e) from None
-
-
-def _decode_forward(path: str, container, stream, targets: np.ndarray, geometry: Geometry,
-                    *, seek: bool) -> np.ndarray:
-    tb = float(stream.time_base)
-    origin = stream.start_time or 0
-    period = _frame_period(stream)
-    if seek:
-        container.seek(origin + int(targets[0] / tb), stream=stream, backward=True, any_frame=False)
-
-    def convert(frame) -> np.ndarray:  # (rh, rw, 3) uint8, scaled inside libswscale
-        return frame.to_ndarray(width=geometry.resized_width, height=geometry.resized_height,
-                                format="rgb24", interpolation="BICUBIC")
-
-    picks: list[np.ndarray] = []
-    held = held_pixels = None  # the latest frame at or before the next target, converted lazily
-    held_time, held_duration = 0.0, period
-    for packet in container.demux(stream):
-        for frame in packet.decode():
-            time = (frame.pts - origin) * tb if frame.pts is not None else held_time + held_duration
-            if time < -TIME_TOLERANCE:
-                continue  # pre-roll an edit list hides
-            if held is None and seek and time > targets[0] + TIME_TOLERANCE:
-                raise _Overshot
-            while len(picks) < len(targets) and time > targets[len(picks)] + TIME_TOLERANCE:
-                if held is None:  # targets before the first frame take the first frame
-                    held, held_time = frame, time
-                if held_pixels is None:
-                    held_pixels = convert(held)
-                picks.append(held_pixels)
-            if len(picks) == len(targets):
-                return to_model_range(np.stack(picks), geometry)
-            if frame is not held:
-                held, held_pixels, held_time = frame, None, time
-                held_duration = (frame.duration or 0) * tb or period
-    if held is None:
-        raise RuntimeError("no frame could be decoded")  # decode_pyav asks whether the file is cut
-    end = held_time + held_duration  # the last frame is shown until the end of the stream
-    while len(picks) < len(targets) and targets[len(picks)] <= end - TIME_TOLERANCE:
-        if held_pixels is None:
-            held_pixels = convert(held)
-        picks.append(held_pixels)
-    if len(picks) < len(targets):
-        raise _shortfall(path, container, stream, end, targets)
-    return to_model_range(np.stack(picks), geometry)

@@ -16,10 +16,11 @@ from pipeline.data.buckets import parse_buckets
 from pipeline.data.decode import (
     REASONS,
     DecodeError,
+    crop_box,
     decode_clip,
+    decode_clips,
     plan_clips,
     probe,
-    resize_geometry,
     select_frames,
     target_times,
 )
@@ -86,11 +87,13 @@ def test_resize_then_center_crop(test_videos, backend, name, height, width):
     assert indices(clip) == [0, 3, 6, 9]
 
 
-def test_resize_geometry():
-    assert resize_geometry(720, 1280, 256, 256) == (256, 455, 0, 99, 256, 256)
-    assert resize_geometry(720, 1280, 256, 448) == (256, 455, 0, 3, 256, 448)
-    assert resize_geometry(1280, 720, 256, 448) == (796, 448, 270, 0, 256, 448)
-    assert resize_geometry(10, 10, 20, 30) == (30, 30, 5, 0, 20, 30)
+def test_crop_box():
+    # (top, left, height, width) of the source region that is scaled onto the bucket
+    assert crop_box(720, 1280, 256, 256) == (0, 280, 720, 720)
+    assert crop_box(720, 1280, 256, 448) == (0, 10, 720, 1260)
+    assert crop_box(1280, 720, 256, 448) == (434, 0, 411, 720)
+    assert crop_box(10, 10, 20, 30) == (1, 0, 7, 10)  # upscaled
+    assert crop_box(48, 64, 48, 64) == (0, 0, 48, 64)
 
 
 @pytest.mark.parametrize("name, height, width", [("landscape", 20, 36), ("vp9_webm", 40, 80), ("fps30", 32, 32)])
@@ -205,6 +208,36 @@ def test_auto_falls_back_to_pyav(test_videos, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name, starts", [
+    ("fps60", [0.0, 1.0, 2.0]),  # keyframe every 10 frames: PyAV seeks between clips
+    ("fps60", [2.0, 0.25]),  # any order in, same order out
+    ("fps60", [0.5, 0.6]),  # overlapping clips: PyAV seeks back
+    ("vfr", [0.1, 1.3, 2.1]),
+    ("long_gop", [0.0, 1.0, 2.0]),  # one keyframe: PyAV decodes straight through
+])
+def test_several_clips_in_one_pass(test_videos, make_video, backend, name, starts):
+    video = make_video("long_gop.mp4", num_frames=90, gop=300) if name == "long_gop" else getattr(test_videos, name)
+    kw = dict(frames=5, height=16, width=16, fps=6, backend=backend)
+    clips = decode_clips(video.path, starts=starts, **kw)
+    for start, clip in zip(starts, clips):
+        assert indices(clip) == expected(video.timestamps, start, 5, 6)
+        np.testing.assert_array_equal(clip, decode_clip(video.path, start=start, **kw))
+
+
+def test_pyav_seeks_only_past_a_keyframe(test_videos, make_video, monkeypatch):
+    seeks = []
+    original = decode_backends._Reader.seek
+    monkeypatch.setattr(decode_backends._Reader, "seek", lambda self, t: (seeks.append(t), original(self, t)))
+    kw = dict(frames=3, height=16, width=16, fps=10, backend="pyav")
+    decode_clips(make_video("long_gop.mp4", num_frames=90, gop=300).path, starts=[0.0, 1.0, 2.0], **kw)
+    assert seeks == []  # the one keyframe is behind: decoding on is all it takes
+    decode_clips(test_videos.fps60.path, starts=[0.0, 0.25, 2.0], **kw)
+    # Keyframes every 1/6 s: the first clip ends at 0.2 s, past the keyframe before 0.25 s, so
+    # decoding goes on; the one before 2.0 s lies far ahead, so a seek skips the gap.
+    assert seeks == [2.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_decoder_threads(test_videos, backend):
     clip = decode_clip(test_videos.fps60.path, frames=5, height=16, width=16, fps=15, start=0.5,
                        backend=backend, threads=2)
@@ -214,6 +247,7 @@ def test_decoder_threads(test_videos, backend):
 @pytest.mark.parametrize("kwargs, words", [
     (dict(backend="ffmpeg"), "backend='ffmpeg'"), (dict(frames=0), "frames=0"), (dict(height=2.5), "height=2.5"),
     (dict(fps=0), "fps=0"), (dict(start=-1.0), "start=-1.0"), (dict(threads=0), "threads=0"),
+    (dict(start=float("nan")), "start=nan"),
 ])
 def test_argument_checks(test_videos, kwargs, words):
     args = dict(frames=2, height=16, width=16, fps=8) | kwargs
