@@ -150,7 +150,8 @@ class LogWorker:
             self._queue.put(_STOP, timeout=5)
         except queue.Full:
             pass
-        self._thread.join(timeout=5)
+        # An abandoned thread is stuck in a request: it is a daemon, do not wait for it.
+        self._thread.join(timeout=0.5 if self._abandon else 5)
 
     @property
     def is_down(self) -> bool:
