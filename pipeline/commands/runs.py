@@ -1,8 +1,8 @@
 """`pomvid runs list` and `pomvid runs compare`: read MLflow runs back from the terminal.
 
     pomvid runs list --experiment pomvid --output-dir outputs/tiny
-    pomvid runs compare --experiment pomvid --tracking-uri http://127.0.0.1:5000 \
-        --runs 3f2a9c1e b81d0e4f --metric train/loss --out compare/ --format markdown
+    pomvid runs compare --experiment pomvid --output-dir outputs/tiny --metric train/loss
+    pomvid runs compare --tracking-uri http://127.0.0.1:5000 --runs 3f2a9c1e b81d0e4f --format markdown
 
 Works against the embedded SQLite store of an output folder (`--output-dir`) and against a server
 (`--tracking-uri`, or MLFLOW_TRACKING_URI) alike.
