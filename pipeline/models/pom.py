@@ -29,6 +29,13 @@ from torch import nn
 VARIANTS = ("v1", "v2")
 
 
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The state is accumulated in at least float32: in bf16 a sum over 100k tokens loses most of its
+    digits and counts above 256 are not even representable. The state is tiny (B x S), so this costs
+    nothing measurable, also on the wire under sequence parallelism."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class PoMState(NamedTuple):
     """The fixed-size state of a PoM layer: a masked sum of polynomial features and a token count.
 
@@ -102,11 +109,12 @@ class PoM(nn.Module):
     def aggregate(self, context: torch.Tensor, mask: torch.Tensor | None = None) -> PoMState:
         """Masked sum and count of the features over all context tokens: state (B, S), (B, 1)."""
         h = self.features(context)  # (B, M, S)
+        dtype = state_dtype(h.dtype)
         if mask is None:
-            count = torch.full((h.shape[0], 1), h.shape[1], dtype=h.dtype, device=h.device)
-            return PoMState(h.sum(dim=1), count)
+            count = torch.full((h.shape[0], 1), h.shape[1], dtype=dtype, device=h.device)
+            return PoMState(h.sum(dim=1, dtype=dtype), count)
         weights = mask.to(h.dtype).unsqueeze(-1)  # (B, M, 1)
-        return PoMState((h * weights).sum(dim=1), weights.sum(dim=1))
+        return PoMState((h * weights).sum(dim=1, dtype=dtype), weights.sum(dim=1, dtype=dtype))
 
     def aggregate_frames(self, x: torch.Tensor, frame_tokens: int, mask: torch.Tensor | None) -> PoMState:
         """Per-frame sums over consecutive frames of `frame_tokens` tokens: (B, F, S), (B, F, 1)."""
@@ -115,17 +123,18 @@ class PoM(nn.Module):
             raise ValueError(f"{tokens} tokens do not split into frames of frame_tokens={frame_tokens}")
         frames = tokens // frame_tokens
         h = self.features(x).view(batch, frames, frame_tokens, self.state_dim)  # (B, F, T, S)
+        dtype = state_dtype(h.dtype)
         if mask is None:
-            count = torch.full((batch, frames, 1), frame_tokens, dtype=h.dtype, device=h.device)
-            return PoMState(h.sum(dim=2), count)
+            count = torch.full((batch, frames, 1), frame_tokens, dtype=dtype, device=h.device)
+            return PoMState(h.sum(dim=2, dtype=dtype), count)
         weights = mask.to(h.dtype).view(batch, frames, frame_tokens, 1)
-        return PoMState((h * weights).sum(dim=2), weights.sum(dim=2))
+        return PoMState((h * weights).sum(dim=2, dtype=dtype), weights.sum(dim=2, dtype=dtype))
 
     def select(self, x: torch.Tensor, mean_state: torch.Tensor) -> torch.Tensor:
         """Gate the mean state by each query and project back: x (..., N, D), mean (..., N or 1, S)."""
         gate = self.to_gate(x)  # (B, N, S)
         gate = torch.sigmoid(gate) if self.variant == "v1" else F.hardsigmoid(gate)
-        return self.to_out(gate * mean_state)  # (B, N, D)
+        return self.to_out(gate * mean_state.to(gate.dtype))  # (B, N, D)
 
     # -- entry points ---------------------------------------------------------------------------------
 
@@ -174,8 +183,9 @@ class PoM(nn.Module):
         mean = local.sum / local.count.clamp_min(1.0)  # (B, S)
         return self.select(x, mean.unsqueeze(1)), local
 
-    def empty_state(self, batch: int, device=None, dtype=None) -> PoMState:
+    def empty_state(self, batch: int, device=None, dtype=torch.float32) -> PoMState:
         """The state of no tokens, to start frame-sequential generation."""
+        dtype = state_dtype(dtype)
         return PoMState(
             torch.zeros(batch, self.state_dim, device=device, dtype=dtype),
             torch.zeros(batch, 1, device=device, dtype=dtype),
