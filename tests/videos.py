@@ -203,7 +203,8 @@ class VideoSet:
         return {n: getattr(self, n) for n in names}
 
     def bad(self) -> dict[str, tuple[Path, str]]:
-        """Name -> (path, DecodeError reason) when asked for 17 frames at 8 fps."""
+        """Name -> (path, the DecodeError reason from probe + plan_clips + decode_clips) for any
+        clip longer than 0.6 s (too_short lasts 0.17 s; truncated holds 0.5 s of its 3 s)."""
         return {
             "too_short": (self.too_short.path, "too_short"),
             "truncated": (self.truncated.path, "truncated"),

@@ -128,8 +128,10 @@ def resize_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
 
 def to_model_range(frames: torch.Tensor) -> np.ndarray:
     """(T, 3, H, W) uint8 -> (3, T, H, W) float32 in [-1, 1]."""
-    out = frames.permute(1, 0, 2, 3).to(torch.float32)  # (3, T, H, W)
-    return out.mul_(1 / 127.5).sub_(1.0).contiguous().numpy()
+    t, c, h, w = frames.shape
+    out = torch.empty((c, t, h, w), dtype=torch.float32)  # (3, T, H, W)
+    out.copy_(frames.permute(1, 0, 2, 3))
+    return out.mul_(1 / 127.5).sub_(1.0).numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +196,7 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     container, stream = open_container(path)
     try:
         tb = float(stream.time_base)
-        pts, last_duration = [], 0
+        pts, last_pts, last_duration = [], None, 0
         try:
             for packet in container.demux(stream):
                 if packet.size == 0:
@@ -202,8 +204,8 @@ def probe(path: str | os.PathLike) -> VideoInfo:
                 p = packet.pts if packet.pts is not None else packet.dts
                 if p is not None:
                     pts.append(p)
-                    if p >= max(pts):
-                        last_duration = packet.duration or 0
+                    if last_pts is None or p >= last_pts:  # packets come in decode order
+                        last_pts, last_duration = p, packet.duration or 0
         except Exception:  # a damaged tail: keep the packets read so far, `truncated` tells
             pass
         origin = stream.start_time if stream.start_time is not None else min(pts, default=0)
