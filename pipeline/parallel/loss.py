@@ -94,6 +94,15 @@ def deepspeed_loss_factor(dims: ParallelDims, gradient_averaging: str) -> float:
     raise ValueError(f"gradient_averaging={gradient_averaging!r} is unknown; use one of {GRADIENT_AVERAGING}")
 
 
+def loss_for_logging(local_loss: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    """The batch's loss from each rank's unscaled SP loss: summed over SP, averaged over DP (one
+    all-reduce over the world). Every rank gets it; log it on rank 0."""
+    total = local_loss.detach().float().clone()
+    if dims.world_size > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / dims.dp
+
+
 def _all_reduce_grads(parameters: Iterable[torch.nn.Parameter], group, divide_by: int) -> None:
     # One flat message per call rather than one per parameter: fewer, larger collectives.
     grads = [p.grad for p in parameters if p.grad is not None]

@@ -15,6 +15,7 @@ from pipeline.parallel.dims import ParallelDims
 from pipeline.parallel.loss import (
     average_gradients_over_dp,
     deepspeed_loss_factor,
+    loss_for_logging,
     sequence_parallel_loss,
     sum_gradients_over_sp,
 )
@@ -51,13 +52,16 @@ def _case(dims: ParallelDims, causal: bool, averaging: str, seed: int) -> dict:
         sum_gradients_over_sp(model.parameters(), dims)
         average_gradients_over_dp(model.parameters(), dims)
 
+    logged = loss_for_logging(loss, dims)
     ref_out = reference(x["latents"], x["timesteps"], x["text"], x["text_mask"], x["frame_mask"])
-    flow_matching_loss(ref_out, x["target"], x["frame_mask"]).backward()
+    ref_loss = flow_matching_loss(ref_out, x["target"], x["frame_mask"])
+    ref_loss.backward()
     local_ref = local.shard.shard(ref_out.detach()[d:d + 1], dim=2)  # this rank's frames of its sample
     shard = local.shard  # compare the video's frames; the padding past its end holds arbitrary values
     valid = torch.arange(shard.local_token_frames) + shard.frame_offset < shard.token_frames
     grads = [relative_error(p.grad, q.grad) for p, q in zip(model.parameters(), reference.parameters())]
-    return {"out": relative_error(out.detach()[:, :, valid], local_ref[:, :, valid]), "grad": max(grads)}
+    return {"out": relative_error(out.detach()[:, :, valid], local_ref[:, :, valid]), "grad": max(grads),
+            "loss": relative_error(logged, ref_loss.detach())}
 
 
 def dp_sp_worker(rank: int, world_size: int) -> dict:
@@ -76,3 +80,4 @@ def test_dp2_sp2_equals_single_process(per_rank, causal, averaging):
         r = results[f"{causal}-{averaging}"]
         assert r["out"] < 1e-5, f"rank {rank}: output relative error {r['out']:.2e}"
         assert r["grad"] < 1e-5, f"rank {rank}: gradient relative error {r['grad']:.2e}"
+        assert r["loss"] < 1e-5, f"rank {rank}: logged loss relative error {r['loss']:.2e}"
