@@ -9,15 +9,18 @@ decoder chose: `read_frame_index(frame)` on one decoded (3, H, W) frame in [-1, 
 
 Pytest fixtures (tests/conftest.py, session-scoped, made once per test session):
 
-- `test_videos` -> `VideoSet`, one `MadeVideo` per attribute (path, codec, container, width,
-  height, fps, num_frames, timestamps of every frame in seconds):
-    h264_mp4, mpeg4_avi, vp9_webm, h264_mkv   containers and codecs (64x48, 30 fps, 2 s)
-    fps24, fps30, fps60                        square 64x64 H.264 MP4, 3 s, keyframe every 10
-    vfr                                        H.264 MKV, 30 fps for 1 s then 10 fps for 2 s
+- `test_videos` -> `VideoSet`. Videos are `MadeVideo`s (path, codec, width, height, fps,
+  num_frames, timestamps: every frame's time in seconds); the undecodable files are Paths.
+  H.264 files have B-frames and a keyframe exactly every 10 frames (MPEG-4, VP9: at most 10 apart).
+    h264_mp4, mpeg4_avi, vp9_webm, h264_mkv   containers and codecs, 64x48, 30 fps, 2 s
+    fps24, fps30, fps60                        64x64 H.264 MP4, 3 s
+    vfr                                        64x64 H.264 MKV, 30 fps for 1 s then 10 fps for 2 s
+                                               (VFR_TIMESTAMPS)
     landscape (96x48), portrait (48x96)        H.264 MP4, 30 fps, 2 s
-    too_short                                  H.264 MP4, 5 frames at 30 fps
-    truncated        H.264 MP4, index (moov) first, last 60% of the bytes cut off: the header
-                     claims 3 s, about 0.45 s can be decoded
+    too_short                                  64x64 H.264 MP4, 5 frames at 30 fps (0.17 s)
+    truncated        MadeVideo of the intact file; the file itself is H.264 MP4 with its index
+                     (moov) first and the last 60% of the bytes cut off: the header claims 3 s,
+                     0.5 s can be decoded
     truncated_index  H.264 MP4, index last, cut in half: the index is gone too
     corrupt          the Matroska magic number followed by random bytes
     text_mp4         a text file named .mp4
@@ -25,8 +28,9 @@ Pytest fixtures (tests/conftest.py, session-scoped, made once per test session):
     missing          a path that does not exist
   `VideoSet.good()` lists the decodable ones, `VideoSet.bad()` maps the others to the
   DecodeError reason they must produce.
-- `make_video` -> `make_video(name, **kwargs)`: a new video into the session's video folder
-  (same arguments as `make_video()` below), e.g. a 720p source for a benchmark.
+- `make_video` -> `make_video(name, **kwargs)`: one more video, `name` a file name whose suffix
+  picks the container, kwargs those of `make_video()` below (codec, width, height, fps,
+  num_frames, gop, timestamps, faststart), made once per session and name.
 
 Outside pytest: `make_test_videos(folder)` returns the same `VideoSet`.
 """
