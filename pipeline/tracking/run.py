@@ -133,6 +133,7 @@ def start_run(
     if not isinstance(plain, dict):
         raise TrackingError(f"config must be a dict or a dataclass, got {type(config).__name__}")
     client = MlflowClient(tracking_uri=uri)
+    created = None
     try:
         run_tags = {**environment_tags(), **(tags or {})}
         if run_id is None:
@@ -140,6 +141,7 @@ def start_run(
             run = client.create_run(
                 experiment_id, run_name=run_name or default_run_name(plain), tags=to_tags(run_tags)
             )
+            created = run.info.run_id
             existing: dict[str, str] = {}
             config_name = "config.json"
         else:
@@ -147,6 +149,12 @@ def start_run(
             experiment_id = run.info.experiment_id
             existing = dict(run.data.params)
             resumes = int(run.data.tags.get("pomvid.resume_count", "0")) + 1
+            # Keep the first segment's environment (git commit, host, versions) in the plain tags; a
+            # segment that runs elsewhere or on other code records its own as resume_<n>.<tag>.
+            run_tags = {
+                (k if run.data.tags.get(k, v) == v else f"resume_{resumes}.{k}"): v
+                for k, v in to_tags(run_tags).items()
+            }
             run_tags.update(
                 {"pomvid.resume_count": resumes, "pomvid.resumed_at": time.strftime("%Y-%m-%d %H:%M:%S")}
             )
@@ -167,6 +175,11 @@ def start_run(
             )
             client.set_tag(run_id, "pomvid.changed_params_on_resume", ", ".join(changed)[:5000])
     except MlflowException as err:
+        if created is not None:  # do not leave a half-made run RUNNING forever
+            try:
+                client.set_terminated(created, "FAILED")
+            except MlflowException:
+                pass
         raise TrackingError(f"MLflow tracking at {uri} failed at start: {err}") from err
 
     tracker = Tracker(

@@ -150,7 +150,8 @@ class Tracker(NullTracker):
         step = int(step or 0)
         now = int(time.time() * 1000)  # the time of the call, not of the (later) upload
         for key, value in values.items():
-            self._history.setdefault(key, []).append((step, value))
+            if not key.startswith("system/"):  # kept for end-of-run plots, which skip system metrics
+                self._history.setdefault(key, []).append((step, value))
         self.worker.submit(
             Op(description="log_metrics", metrics=[Metric(k, v, now, step) for k, v in values.items()])
         )
@@ -225,7 +226,7 @@ class Tracker(NullTracker):
     def _metric_histories(self) -> dict[str, list[tuple[int, float]]]:
         """Full histories from the server (they include earlier segments of a resumed run); this
         process's own values when the server cannot be asked."""
-        keys = [k for k in self._history if not k.startswith("system/")]
+        keys = list(self._history)
         if self.worker.is_down:
             return {k: self._history[k] for k in keys}
         try:

@@ -14,6 +14,7 @@ Values the user exported explicitly are left alone.
 from __future__ import annotations
 
 import os
+import ssl
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -88,8 +89,11 @@ def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     if not is_http(uri):
         return
     url = uri.rstrip("/") + "/health"
+    context = None
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("1", "true"):
+        context = ssl._create_unverified_context()  # the user asked MLflow to skip TLS checks too
     try:
-        with urllib.request.urlopen(url, timeout=timeout):  # noqa: S310 - http(s) only, checked above
+        with urllib.request.urlopen(url, timeout=timeout, context=context):  # noqa: S310 - http(s) only
             return
     except urllib.error.HTTPError:
         return

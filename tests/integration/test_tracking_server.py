@@ -20,6 +20,7 @@ from pipeline.cli import main as pomvid
 from pipeline.tracking import TrackingUnreachableError, start_run
 from tests.integration.mlflow_server import free_port
 
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = {
     "recipe": "tiny",
@@ -161,6 +162,10 @@ def test_resume_continues_the_same_run(mlflow_server, caplog):
     assert "train.lr" in run.data.tags["pomvid.changed_params_on_resume"]
     assert "train.lr" in caplog.text
     assert "config.resume_1.json" in _artifacts(client, run.info.run_id)
+    # Same code and host in both segments: the environment tags stay plain, no resume_1.* copies.
+    assert len(run.data.tags["git.commit"]) == 40 and not any(
+        k.startswith("resume_1.") for k in run.data.tags
+    )
 
 
 def test_runs_list_and_compare(mlflow_server, tmp_path, capsys):
