@@ -116,15 +116,17 @@ def _mb(x: float) -> str:
 
 
 def measured_table(rows: list[dict], width: int, batch: int) -> str:
-    lines = ["| N tokens | P | method | local attention | measured bytes | formula bytes | wire est. (MiB) "
-             "| calls | PoM-SP / this |",
-             "|---:|---:|---|---|---:|---:|---:|---:|---:|"]
-    pom = {(r["tokens"], r["sp"]): r["bytes"] for r in rows if r["method"] == "PoM-SP"}
-    for r in rows:
-        f = formula(r["method"], tokens=r["tokens"], sp=r["sp"], width=width, batch=batch)
-        ratio = pom[(r["tokens"], r["sp"])] / r["bytes"]
-        lines.append(f"| {r['tokens']:,} | {r['sp']} | {r['method']} | {r['attention']} | {r['bytes']:,} | "
-                     f"{f:,.0f} | {_mb(r['wire'])} | {r['calls']} | {ratio:.2e} |")
+    lines = ["| N tokens | P | local attention | PoM-SP | PoM-SP causal | Ulysses | Ring | PoM-SP / Ulysses "
+             "| PoM-SP / Ring | all = formula |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    cells = {(r["tokens"], r["sp"], r["method"]): r for r in rows}
+    for tokens, sp in sorted({(r["tokens"], r["sp"]) for r in rows}, key=lambda k: (k[1], k[0])):
+        b = {m: cells[(tokens, sp, m)]["bytes"] for m in METHODS}
+        exact = all(b[m] == formula(m, tokens=tokens, sp=sp, width=width, batch=batch) for m in METHODS)
+        lines.append(f"| {tokens:,} | {sp} | {cells[(tokens, sp, 'Ulysses')]['attention']} | "
+                     + " | ".join(f"{b[m]:,}" for m in METHODS)
+                     + f" | {b['PoM-SP'] / b['Ulysses']:.1e} | {b['PoM-SP'] / b['Ring']:.1e} | "
+                     f"{'yes' if exact else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -200,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     sps = [2**i for i in range(1, 11)]
     print(f"# Sequence-parallel communication ({platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}, gloo; measured in {elapsed:.0f} s)\n")
-    print(f"Measured, width {args.width}, {args.heads} heads, batch {args.batch}, fp32; bytes per rank per "
-          f"layer per training step:\n")
+    print(f"Measured, width {args.width} (PoM state {4 * args.width} + 1), {args.heads} heads, batch "
+          f"{args.batch}, fp32; bytes per rank per layer per training step (forward + backward payload):\n")
     print(measured_table(rows, args.width, args.batch))
     print(f"\nFormulas extrapolated: N = {args.big_tokens:,} tokens, width {args.big_width}, "
           f"{args.big_heads} heads, batch 1, fp32; MiB per rank per layer per training step:\n")
