@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline.data.buckets import Bucket, BucketTable
 from pipeline.data.decode import crop_box, decode_clip, decode_clips, plan_clips, probe
@@ -66,12 +67,16 @@ def make_sources(folder: Path, *, count: int, seconds: float, width: int = 1280,
 
     paths = []
     for i in range(count):
-        path = folder / f"source_{i}_{width}x{height}.mp4"
+        path = folder / f"source_{i}_{width}x{height}_{seconds:g}s.mp4"
+        if path.exists():  # --keep folder from an earlier run
+            paths.append(path)
+            continue
         # Different start offsets so the files differ (mandelbrot-free testsrc2 is cheap to make).
         subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-f", "lavfi", "-i",
                         f"testsrc2=size={width}x{height}:rate={fps}:duration={seconds + i * 0.1}",
                         "-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p",
-                        str(path)], check=True, capture_output=True)
+                        str(path.with_suffix(".part.mp4"))], check=True, capture_output=True)
+        path.with_suffix(".part.mp4").rename(path)  # complete files only, for --keep
         paths.append(path)
     return paths
 
@@ -115,10 +120,7 @@ def measure_decode(paths: list[Path], *, backend: str, bucket: Bucket, fps: floa
 def measure_naive(paths: list[Path], *, bucket: Bucket, fps: float, clips_per_video: int) -> Row:
     """Baseline: PyAV decodes and converts every frame at full size, torch resizes the chosen."""
     import av
-    import torch
     import torch.nn.functional as F
-
-    torch.set_num_threads(1)
 
     def run() -> int:
         clips = 0
@@ -175,6 +177,7 @@ def main() -> None:
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     bucket = Bucket.parse(args.bucket)
+    torch.set_num_threads(1)  # per core: torch's resize must not spread over the other cores
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)
