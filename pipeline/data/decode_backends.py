@@ -169,7 +169,7 @@ class _Reader:
         self.container.seek(self.origin + int(max(time, 0.0) / self.tb), stream=self.stream, backward=True,
                             any_frame=False)
         self._reset(self._frames())
-        self.just_seeked = time > 0
+        self.just_seeked, self.broken = time > 0, None  # a fresh pass: earlier damage may lie behind
 
     def position(self) -> float:
         """Time of the newest frame pulled from the decoder."""
