@@ -77,7 +77,8 @@ def _layer(method: str, width: int, heads: int, group, counter: CommCounter, exa
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, args: dict) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if os.path.exists("/sys/class/net/lo"):  # keep gloo on the loopback interface (Linux)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     rows = []

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)  # eq=False: it holds tensors
 class FrameShard:
     """Which token-frames of a video one SP rank holds."""
 

@@ -33,7 +33,8 @@ def free_port() -> int:
 
 
 def _entry(rank: int, worker: Callable, world_size: int, port: int, out_dir: str, args: tuple) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
+    if os.path.exists("/sys/class/net/lo"):  # keep gloo on the loopback interface (Linux)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)  # P processes share 2 cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size)
