@@ -1,0 +1,149 @@
+"""Building a `Trainer`: processes, data, model, DeepSpeed engine, EMA, resume, tracking, in a fixed order.
+
+    1. process group and device          (pipeline/train/distributed.py)
+    2. dp x sp layout and batch split     (RunConfig.layout, ParallelDims)
+    3. latent data set, model dims        (the data set's channels / text width win with infer_data_dims)
+    4. which checkpoint to resume from    (none / auto / a folder; another world size -> universal)
+    5. model, sequence parallelism        (seeded init; parallelize_pom_dit)
+    6. DeepSpeed config and engine        (ours, a user's JSON merged over it, our LR schedule)
+    7. EMA, text conditioning, resume state, MLflow run
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ConfigError, RunConfig
+from pipeline.config_overrides import config_to_dict
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.distributed import barrier, init_distributed
+
+log = logging.getLogger("pomvid.train")
+RESUME_MODES = ("none", "auto")
+
+
+def resolve_resume(resume: str, ckpt_root: Path) -> Path | None:
+    """The checkpoint folder to resume from: "none", "auto" (newest complete, or a fresh start) or a folder."""
+    if resume == "none":
+        existing = ckpt.complete_checkpoints(ckpt_root)
+        if existing:
+            raise ConfigError(
+                f"{ckpt_root} already holds checkpoints (newest: step {existing[-1][0]}); pass --resume auto to "
+                "continue that run, or another --output-dir for a new one"
+            )
+        return None
+    if resume == "auto":
+        return ckpt.find_latest(ckpt_root)
+    folder = Path(resume)
+    if (folder / ckpt.LATEST).is_file() or folder.name == "checkpoints":
+        found = ckpt.find_latest(folder)
+        if found is None:
+            raise ConfigError(f"--resume {resume}: no complete checkpoint in that folder")
+        return found
+    if not ckpt.is_complete(folder):
+        raise ConfigError(f"--resume {resume}: not a complete checkpoint folder (no {ckpt.COMPLETE} file); "
+                          "use --resume auto or a step_XXXXXXXX folder that has one")
+    return folder
+
+
+def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_config: dict | None = None,
+                  tracking: dict | None = None):
+    """A ready-to-train `Trainer` (every process calls this)."""
+    import deepspeed
+
+    from pipeline.data.loader import LatentDataset, LatentLoader
+    from pipeline.models.dit import PoMDiT
+    from pipeline.parallel.dims import ParallelDims
+    from pipeline.parallel.parallelize import parallelize_pom_dit
+    from pipeline.tracking import start_run
+    from pipeline.train.conditioning import load_or_compute
+    from pipeline.train.deepspeed_config import (
+        build_deepspeed_config,
+        check_batch_keys,
+        deep_merge,
+        lr_scheduler_factory,
+    )
+    from pipeline.train.ema import ShardedEMA
+    from pipeline.train.metrics import measure_matmul_peak
+    from pipeline.train.trainer import Trainer, check_buckets, fit_data_dims
+    from pipeline.train.validation import Validator
+
+    # 1-2. processes, layout (checked first from the launcher's WORLD_SIZE: fail before the slow start)
+    config.layout(int(os.environ.get("WORLD_SIZE", "1")))
+    info = init_distributed()
+    layout = config.layout(info.world_size)
+    dims = ParallelDims(dp=layout.dp, sp=layout.sp)
+    # 3. data
+    if not config.data.path:
+        raise ConfigError("data.path is empty: pass --data FOLDER (a `pomvid precompute` output)")
+    if not Path(config.data.path, "manifest.json").is_file():
+        raise ConfigError(f"data.path={config.data.path}: no manifest.json there; is it a `pomvid precompute` output?")
+    dataset = LatentDataset(config.data.path)
+    config = fit_data_dims(config, dataset)
+    check_buckets(config, dataset, dims)
+    loader = LatentLoader(dataset, batch_size=layout.per_rank_batch, dp_rank=dims.dp_rank, dp_size=layout.dp,
+                          seed=config.data.seed, drop_last=config.data.drop_last)
+    # 4. resume
+    output_dir = Path(config.train.output_dir)
+    ckpt_root = output_dir / "checkpoints"
+    resume_dir = resolve_resume(resume, ckpt_root)
+    saved = ckpt.read_state(resume_dir) if resume_dir is not None else None
+    universal = saved is not None and saved["world_size"] != info.world_size
+    # 5. model
+    torch.manual_seed(config.train.seed)
+    model = PoMDiT(config.model)
+    model.set_activation_checkpointing(config.engine.activation_checkpointing)
+    parallelize_pom_dit(model, dims)
+    # 6. DeepSpeed
+    ds_config = build_deepspeed_config(config, layout, device_type=info.device.type)
+    if user_deepspeed_config:
+        check_batch_keys(user_deepspeed_config, layout)
+        ds_config = deep_merge(ds_config, user_deepspeed_config)
+    load_dir = resume_dir
+    if universal:
+        load_dir = ckpt.ensure_universal(resume_dir, rank=info.rank, barrier=barrier)
+        ds_config = deep_merge(ds_config, {"checkpoint": {"load_universal": True}})
+    scheduler = None if "scheduler" in ds_config else lr_scheduler_factory(config)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config,
+                                           lr_scheduler=scheduler)
+    # 7. EMA, conditioning, resume, tracking
+    ema = ShardedEMA(engine.module, config.train.ema_decay)
+    conditioning = load_or_compute(config, dataset, output_dir=output_dir, is_main=info.is_main, device=info.device)
+    start_step, counters, run_id = 0, {}, None
+    if saved is not None:
+        engine.load_checkpoint(str(load_dir), tag=ckpt.DS_TAG, load_optimizer_states=True,
+                               load_lr_scheduler_states=True)
+        if engine.lr_scheduler is not None and hasattr(engine.lr_scheduler, "get_last_lr"):
+            for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+                group["lr"] = lr  # the restored schedule's LR, whatever the optimizer state carried
+        loader.load_state_dict(saved["loader"])
+        ema_state = ckpt.load_ema(resume_dir)
+        if ema_state is not None:
+            ema.load_full_state_dict(ema_state)
+        rng = None if universal else ckpt.load_rng(resume_dir, info.rank)
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+        start_step, counters, run_id = int(saved["step"]), saved.get("counters", {}), saved.get("mlflow_run_id")
+    if info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=1))
+        (output_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
+        if saved is not None:
+            log.info("resumed from %s (step %d%s)", resume_dir, start_step, ", universal" if universal else "")
+    tracking = dict(tracking or {})
+    tracker = start_run(config=config_to_dict(config), output_dir=output_dir, rank=info.rank, run_id=run_id,
+                        deepspeed_config=ds_config, **tracking)
+    peak = None
+    if info.device.type == "cuda":
+        peak = config.train.peak_tflops * 1e12 if config.train.peak_tflops else measure_matmul_peak(info.device)
+    validator = Validator(config, config.model, conditioning, manifest=dataset.manifest, output_dir=output_dir,
+                          device=info.device) if info.is_main else None
+    barrier()
+    return Trainer(config=config, layout=layout, info=info, dims=dims, dataset=dataset, loader=loader, engine=engine,
+                   ema=ema, conditioning=conditioning, tracker=tracker, validator=validator, ds_config=ds_config,
+                   start_step=start_step, counters=counters, peak_flops=peak)

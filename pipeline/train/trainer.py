@@ -1,0 +1,259 @@
+"""The DeepSpeed trainer: train() -> train_step() -> forward_backward_step().
+
+Gradient reduction over dp x sp (verified per ZeRO stage in tests/distributed/
+test_deepspeed_grad_reduction.py): DeepSpeed gets no mpu, so its data-parallel group is the whole
+world and ZeRO 1, 2 and 3 all AVERAGE gradients over dp * sp ranks. Each SP rank's loss is its share
+of the sample's loss (the shares sum to the sample's loss), so the world average is 1/sp of the wanted
+DP average; the SP loss factor (pipeline/parallel/loss.py, "world") multiplies every loss by sp.
+
+A non-finite loss (checked after one all-reduce, so every rank agrees) is backpropagated multiplied
+by NaN: every rank's gradients become NaN, DeepSpeed's global-norm check (all ZeRO stages) skips the
+optimizer step and the LR scheduler, and zeroes the gradients. The step counts as skipped (no EMA
+update); `train.max_nonfinite_steps` in a row stop the run with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ConfigError, Layout, RunConfig
+from pipeline.config_overrides import config_to_dict
+from pipeline.parallel.dims import ParallelDims
+from pipeline.parallel.loss import deepspeed_loss_factor, sequence_parallel_loss
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.distributed import DistInfo, all_reduce_sum, barrier
+from pipeline.train.inputs import MicroBatch, prepare_micro_batch
+from pipeline.train.metrics import StepMeter
+
+log = logging.getLogger("pomvid.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many steps in a row had a non-finite loss; the run stopped with a checkpoint."""
+
+
+@dataclass(kw_only=True)
+class StepResult:
+    loss: float
+    """The global batch's loss (mean over samples), as single-process training would compute it."""
+    skipped: bool
+    """No optimizer update happened (non-finite loss or gradients)."""
+    grad_norm: float | None
+    lr: float
+    """Learning rate this step used."""
+    seconds: float
+    tokens: int
+    """Video tokens of the global batch."""
+
+
+def fit_data_dims(config: RunConfig, dataset) -> RunConfig:
+    """The model's in_channels / text_dim from the data set (infer_data_dims) or a clear mismatch error."""
+    sample = dataset[0]
+    channels, text_dim = int(sample["latent"].shape[0]), int(sample["text"].shape[1])
+    model = config.model
+    if (model.in_channels, model.text_dim) == (channels, text_dim):
+        return config
+    if not config.infer_data_dims:
+        raise ConfigError(
+            f"the latents in {dataset.root} have {channels} channels and {text_dim}-wide text embeddings, the model "
+            f"expects in_channels={model.in_channels}, text_dim={model.text_dim}; --set model.in_channels={channels} "
+            f"model.text_dim={text_dim} or infer_data_dims=true"
+        )
+    return replace(config, model=replace(model, in_channels=channels, text_dim=text_dim))
+
+
+def check_buckets(config: RunConfig, dataset, dims: ParallelDims) -> None:
+    for bucket in dataset.manifest["buckets"]:
+        _, frames, height, width = (int(v) for v in bucket["latent_shape"])
+        try:
+            config.model.check_latent_shape(frames, height, width)
+            dims.check_frames(frames // config.model.patch_t)
+        except ValueError as err:
+            raise ConfigError(f"bucket {bucket['key']} of {dataset.root}: {err}") from None
+
+
+class Trainer:
+    """Owns the engine, the loader, the EMA and the tracker of one run; see `pipeline.train.build`."""
+
+    def __init__(self, *, config: RunConfig, layout: Layout, info: DistInfo, dims: ParallelDims, dataset, loader,
+                 engine, ema, conditioning, tracker, validator, ds_config: dict, start_step: int, counters: dict,
+                 peak_flops: float | None):
+        self.config, self.layout, self.info, self.dims = config, layout, info, dims
+        self.dataset, self.loader, self.engine, self.ema = dataset, loader, engine, ema
+        self.cond, self.tracker, self.validator, self.ds_config = conditioning, tracker, validator, ds_config
+        self.step = start_step
+        self.nonfinite_total = int(counters.get("nonfinite_total", 0))
+        self.nonfinite_in_row = int(counters.get("nonfinite_in_row", 0))
+        self.output_dir = Path(config.train.output_dir)
+        self.ckpt_root = self.output_dir / "checkpoints"
+        self.loss_factor = deepspeed_loss_factor(dims, "world")
+        self.dtype = next(engine.module.parameters()).dtype
+        self.meter = StepMeter(config.model, world_size=info.world_size, device=info.device, peak_flops=peak_flops)
+        self._saved_step = start_step if start_step else None
+        self._validated_step: int | None = None
+        self._latent_shape: tuple[int, ...] = ()
+        self._text_len = 0
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def _batches(self):
+        while True:  # the loader yields the rest of an epoch, then moves to the next one
+            yield from self.loader
+
+    def _global_indices(self) -> list[int]:
+        """Data-set indices of the next global batch (rank 0 logs them: no sample repeated or skipped)."""
+        state = self.loader.state_dict()
+        plan = self.loader.plan(state["epoch"])
+        return [int(i) for i in plan[state["samples_consumed"] // self.loader.global_batch_size][1]]
+
+    def train(self) -> dict:
+        """Run to `train.steps` (or `train.stop_at`); returns a summary."""
+        cfg = self.config.train
+        end = cfg.stop_at or cfg.steps
+        batches = self._batches()
+        if self.info.is_main:
+            log.info("training steps %d -> %d: %s", self.step, end, self.layout)
+        while self.step < end:
+            indices = self._global_indices() if self.info.is_main else []
+            result = self.train_step(next(batches))
+            self.step += 1
+            self._after_step(result, indices)
+        if self._saved_step != self.step:
+            self.save_checkpoint()
+        if self.config.validation.every and self._validated_step != self.step:
+            self.validate()
+        return {"step": self.step, "nonfinite_total": self.nonfinite_total}
+
+    def _after_step(self, result: StepResult, indices: list[int]) -> None:
+        cfg = self.config.train
+        if result.skipped:
+            self.nonfinite_total += 1
+            self.nonfinite_in_row += 1
+            if self.info.is_main:
+                log.warning("step %d: non-finite loss %s, optimizer step skipped (%d in a row)", self.step,
+                            result.loss, self.nonfinite_in_row)
+        else:
+            self.nonfinite_in_row = 0
+            self.ema.update()
+        self.meter.add(seconds=result.seconds, samples=self.layout.global_batch_size, tokens=result.tokens,
+                       latent_shape=self._latent_shape, text_len=self._text_len,
+                       loss=None if result.skipped else result.loss)
+        if self.info.is_main:
+            record = {"step": self.step, "loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
+                      "skipped": result.skipped, "indices": indices}
+            with open(self.output_dir / "steps.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if self.step % cfg.log_every == 0 or result.skipped:
+            self._log_metrics(result)
+        if self.nonfinite_in_row >= cfg.max_nonfinite_steps:
+            folder = self.save_checkpoint()
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_row} steps in a row (up to step {self.step}) had a non-finite loss; stopped "
+                f"with a checkpoint of the last good weights in {folder}. Check the data for NaN/inf latents, "
+                "lower optim.lr or raise train.max_nonfinite_steps"
+            )
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+        if self.config.validation.every and self.step % self.config.validation.every == 0:
+            self.validate()
+
+    def _log_metrics(self, result: StepResult) -> None:
+        metrics = {"train/loss": result.loss, "train/lr": result.lr, "train/skipped_steps": self.nonfinite_total,
+                   "train/epoch": self.loader.epoch, **self.meter.metrics()}
+        if result.grad_norm is not None:
+            metrics["train/grad_norm"] = result.grad_norm
+        self.meter.reset()
+        if self.info.is_main:
+            self.tracker.log_metrics(metrics, step=self.step)
+            log.info("step %d %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+    def train_step(self, batch: dict) -> StepResult:
+        """One optimizer step over this rank's part of a global batch (grad_accum micro-batches)."""
+        start = time.perf_counter()
+        lr = float(self.engine.get_lr()[0])
+        device, micro = self.info.device, self.layout.micro_batch_size
+        latents = batch["latents"].to(device)  # (per_rank_batch, C, T, H, W), the full videos
+        text, text_mask = batch["text"].to(device), batch["text_mask"].to(device)
+        self._latent_shape, self._text_len = tuple(latents.shape[1:]), int(text.shape[1])
+        first = self.dims.dp_rank * self.layout.per_rank_batch  # position of our first sample in the batch
+        losses, tokens = [], 0
+        for m in range(self.layout.grad_accum):
+            part = slice(m * micro, (m + 1) * micro)
+            mb = prepare_micro_batch(
+                latents[part], text[part], text_mask[part], positions=list(range(first + m * micro, first + (m + 1) * micro)),
+                step=self.step, seed=self.config.train.seed, flow=self.config.flow, patch_t=self.config.model.patch_t,
+                patch_size=self.config.model.patch_size, null_text=self.cond.null_text.to(device),
+                null_mask=self.cond.null_mask.to(device), dims=self.dims, dtype=self.dtype)
+            losses.append(self.forward_backward_step(mb))
+            tokens += mb.tokens * self.layout.dp
+        nonfinite = not all(torch.isfinite(torch.tensor(losses)).tolist())
+        applied = self.engine.was_step_applied()
+        if nonfinite and applied:
+            raise RuntimeError("DeepSpeed applied an optimizer step although the loss was not finite; the weights "
+                               "may be corrupt: resume from the last checkpoint")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None and applied else None
+        return StepResult(loss=sum(losses) / len(losses), skipped=not applied, grad_norm=norm, lr=lr,
+                          seconds=time.perf_counter() - start, tokens=tokens)
+
+    def forward_backward_step(self, mb: MicroBatch) -> float:
+        """Forward, loss, backward of one micro-batch; returns the micro-batch's global loss."""
+        local = mb.local
+        pred = self.engine(local.latents, local.timesteps, mb.text, mb.text_mask, local.shard.frame_mask,
+                           local.shard.frame_offset)  # (B, C, T_local, H, W)
+        loss = sequence_parallel_loss(pred, local.extras["target"], local.shard, mb.loss_frame_mask)
+        # Sum of the SP shares, mean over DP groups: the loss single-process training would report.
+        global_loss = all_reduce_sum(loss.detach().float()) / self.dims.dp
+        finite = bool(torch.isfinite(global_loss).item())
+        # NaN poisons every rank's gradients, so DeepSpeed skips the optimizer step everywhere.
+        self.engine.backward(loss * (self.loss_factor if finite else float("nan")))
+        self.engine.step()  # the optimizer step happens at the accumulation boundary
+        return float(global_loss.item())
+
+    # -- checkpoints, validation, close ------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        ema_state = self.ema.full_state_dict()  # collective under ZeRO-3
+        state = {
+            "loader": self.loader.state_dict(),
+            "counters": {"nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row},
+            "mlflow_run_id": getattr(self.tracker, "run_id", None),
+            "world_size": self.info.world_size, "dp": self.dims.dp, "sp": self.dims.sp,
+            "zero_stage": self.config.engine.zero_stage, "config": config_to_dict(self.config),
+        }
+        folder = ckpt.save(self.engine, self.ckpt_root, self.step, ema_state=ema_state if self.info.is_main else None,
+                           trainer_state=state, rank=self.info.rank, barrier=barrier)
+        self._saved_step = self.step
+        if self.info.is_main:
+            ckpt.prune(self.ckpt_root, self.config.train.keep_checkpoints)
+            self.tracker.log_checkpoint(folder, step=self.step)
+            log.info("checkpoint %s", folder)
+        return folder
+
+    def validate(self) -> None:
+        ema_state = self.ema.full_state_dict()  # collective under ZeRO-3
+        if self.info.is_main:
+            start = time.perf_counter()
+            written = self.validator.run(ema_state, self.step, self.tracker)
+            self.tracker.log_metrics({"validation/seconds": time.perf_counter() - start}, step=self.step)
+            log.info("validation at step %d: %s", self.step, ", ".join(p.name for p in written))
+        self._validated_step = self.step
+        barrier()
+
+    def close(self, status: str = "FINISHED") -> None:
+        import torch.distributed as dist
+
+        self.tracker.end(status)
+        if status == "FAILED":
+            return  # other ranks may be gone: no collective, the launcher tears the processes down
+        barrier()
+        if dist.is_initialized():
+            dist.destroy_process_group()
