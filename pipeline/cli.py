@@ -17,6 +17,7 @@ from pipeline import __version__
 # Subcommand name -> module in pipeline.commands. Keep sorted by the order a user meets them.
 COMMANDS: dict[str, str] = {
     "submit": "submit",
+    "train": "train",
     "bench": "bench",
     "runs": "runs",
 }
