@@ -73,25 +73,26 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
     from pipeline.train.trainer import Trainer, check_buckets, fit_data_dims
     from pipeline.train.validation import Validator
 
-    # 1-2. processes, layout (checked first from the launcher's WORLD_SIZE: fail before the slow start)
+    # 1-2. processes, layout. What can be checked from files and the launcher's WORLD_SIZE is checked
+    # first, so a bad config fails before the slow start of DeepSpeed.
     config.layout(int(os.environ.get("WORLD_SIZE", "1")))
-    info = init_distributed()
-    layout = config.layout(info.world_size)
-    dims = ParallelDims(dp=layout.dp, sp=layout.sp)
-    # 3. data
     if not config.data.path:
         raise ConfigError("data.path is empty: pass --data FOLDER (a `pomvid precompute` output)")
     if not Path(config.data.path, "manifest.json").is_file():
         raise ConfigError(f"data.path={config.data.path}: no manifest.json there; is it a `pomvid precompute` output?")
+    output_dir = Path(config.train.output_dir)
+    ckpt_root = output_dir / "checkpoints"
+    resume_dir = resolve_resume(resume, ckpt_root)
+    info = init_distributed()
+    layout = config.layout(info.world_size)
+    dims = ParallelDims(dp=layout.dp, sp=layout.sp)
+    # 3. data
     dataset = LatentDataset(config.data.path)
     config = fit_data_dims(config, dataset)
     check_buckets(config, dataset, dims)
     loader = LatentLoader(dataset, batch_size=layout.per_rank_batch, dp_rank=dims.dp_rank, dp_size=layout.dp,
                           seed=config.data.seed, drop_last=config.data.drop_last)
     # 4. resume
-    output_dir = Path(config.train.output_dir)
-    ckpt_root = output_dir / "checkpoints"
-    resume_dir = resolve_resume(resume, ckpt_root)
     saved = ckpt.read_state(resume_dir) if resume_dir is not None else None
     universal = saved is not None and saved["world_size"] != info.world_size
     # 5. model
