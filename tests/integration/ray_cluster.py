@@ -62,6 +62,9 @@ def start_cluster(num_cpus: int = 2) -> RayCluster:
         f"{bin_dir}/ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
         f"--ray-client-server-port={client_port}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+        # The agent's HTTP port (jobs go through it) defaults to 52365 for every Ray on the machine:
+        # with another Ray running, the agent cannot bind and submissions fail with "No available agent".
+        f"--dashboard-agent-listen-port={free_port()}",
         f"--temp-dir={temp_dir}", "--disable-usage-stats",
     ]
     started = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
