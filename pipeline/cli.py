@@ -16,6 +16,7 @@ from pipeline import __version__
 
 # Subcommand name -> module in pipeline.commands. Keep sorted by the order a user meets them.
 COMMANDS: dict[str, str] = {
+    "precompute": "precompute",
     "submit": "submit",
     "train": "train",
     "bench": "bench",

@@ -178,6 +178,12 @@ def prepare_output(config: PrecomputeConfig, manifest: dict) -> None:
     write_output_manifest(out, manifest)
 
 
+def decode_memory_bytes(config: PrecomputeConfig) -> int:
+    """Memory one decode task reserves: its unit's float32 clips twice (decoded + output), plus 256 MiB."""
+    largest = max(3 * b.frames * b.height * b.width * 4 for b in config.bucket_table())
+    return 2 * largest * config.clips_per_video * config.rows_per_work_unit + (256 << 20)
+
+
 def _run_pipeline(config: PrecomputeConfig, rows: list[dict], vae_fp: dict, text_fp: dict) -> dict:
     """Stream the pending units through the stages; returns this run's counts."""
     import ray
@@ -190,7 +196,11 @@ def _run_pipeline(config: PrecomputeConfig, rows: list[dict], vae_fp: dict, text
     ctx.enable_progress_bars = False  # ours below counts units and clips; Ray's would interleave with it
     decode_compute = ray.data.TaskPoolStrategy(size=config.decode_concurrency) if config.decode_concurrency else None
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 10_000))
+    # A decode task reserves the memory its unit's clips take. Besides guarding against OOM, this keeps
+    # Ray Data from fusing the decode tasks into the VAE actors (it fuses ops with equal resources):
+    # fused, the VAE would sit idle during every decode.
     ds = ds.map_batches(decode_units, batch_size=1, num_cpus=config.decode_num_cpus, compute=decode_compute,
+                        memory=decode_memory_bytes(config),
                         fn_kwargs={"buckets": str(config.bucket_table()), "fps": config.fps,
                                    "clips_per_video": config.clips_per_video, "backend": config.decode_backend})
     ds = ds.map_batches(VAEStage, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.vae_concurrency),

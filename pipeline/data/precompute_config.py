@@ -7,11 +7,11 @@ import os
 from dataclasses import asdict, dataclass
 
 from pipeline.data.buckets import BucketTable, parse_buckets
-from pipeline.data.shards import STORAGE_DTYPES
 
 VAE_KINDS = ("cogvideox", "frame_kl", "pixel")
 TEXT_KINDS = ("t5", "clip")
 DECODE_BACKENDS = ("auto", "decord", "pyav")
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")  # = pipeline.data.shards.STORAGE_DTYPES (no torch import here)
 
 
 @dataclass(kw_only=True)
@@ -142,11 +142,11 @@ class PrecomputeConfig:
                              "(a folder or hub id)" + ("" if self.text_encoder == "t5" else
                                                       " or text_encoder_config (random weights)"))
         if self.storage_dtype not in STORAGE_DTYPES:
-            raise ValueError(f"PrecomputeConfig.storage_dtype={self.storage_dtype!r}: use one of {sorted(STORAGE_DTYPES)}")
+            raise ValueError(f"PrecomputeConfig.storage_dtype={self.storage_dtype!r}: use one of {list(STORAGE_DTYPES)}")
         for name in ("vae_dtype", "text_dtype"):
             value = getattr(self, name)
             if value is not None and value not in STORAGE_DTYPES:
-                raise ValueError(f"PrecomputeConfig.{name}={value!r}: use one of {sorted(STORAGE_DTYPES)} or None")
+                raise ValueError(f"PrecomputeConfig.{name}={value!r}: use one of {list(STORAGE_DTYPES)} or None")
         if self.text_max_length is not None and (not isinstance(self.text_max_length, int) or self.text_max_length < 1):
             raise ValueError(f"PrecomputeConfig.text_max_length={self.text_max_length!r}: an integer >= 1 or None")
 
@@ -183,3 +183,17 @@ class PrecomputeConfig:
         out = asdict(self)
         out["buckets"] = str(self.bucket_table())
         return out
+
+
+def field_docs() -> dict[str, str]:
+    """Field name -> the docstring under it (for command-line help)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(PrecomputeConfig)))
+    body, docs = tree.body[0].body, {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs

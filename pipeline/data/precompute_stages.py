@@ -79,7 +79,7 @@ def _objects(items: list) -> np.ndarray:
 def decode_units(batch: dict, *, buckets: str, fps: float, clips_per_video: int, backend: str) -> dict:
     """Probe, plan and decode every video of each unit; failures become error entries, never exceptions."""
     from pipeline.data.buckets import parse_buckets
-    from pipeline.data.decode import DecodeError, decode_clip, plan_clips, probe
+    from pipeline.data.decode import DecodeError, decode_clips, plan_clips, probe
 
     table = parse_buckets(buckets)
     order = {b.name: i for i, b in enumerate(table)}
@@ -91,9 +91,10 @@ def decode_units(batch: dict, *, buckets: str, fps: float, clips_per_video: int,
             record = VideoRecord(**fields)
             try:
                 plans = plan_clips(record, probe(record.path), table, fps, clips_per_video)
-                decoded = [decode_clip(record.path, frames=p.bucket.frames, height=p.bucket.height,
-                                       width=p.bucket.width, fps=fps, start=p.start, backend=backend)
-                           for p in plans]  # (3, T, H, W) each
+                bucket = plans[0].bucket  # one video, one bucket; its clips share one decoding pass
+                decoded = decode_clips(record.path, starts=[p.start for p in plans], frames=bucket.frames,
+                                       height=bucket.height, width=bucket.width, fps=fps, backend=backend)
+                # (3, T, H, W) each
             except DecodeError as err:
                 errors.append({"id": video_id, "path": record.path, "source_row": record.source_row,
                                "reason": err.reason, "message": err.message})

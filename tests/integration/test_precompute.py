@@ -1,0 +1,266 @@
+"""The Ray Data precompute pipeline end to end, on a local Ray with 2 CPUs: tiny CogVideoX VAE + tiny
+T5, the pixel codec + tiny CLIP, errors, resume (also after SIGKILL), stale-output refusal, the CLI
+and the Ray job entry point."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+import torch
+
+from pipeline.cli import main as pomvid
+from pipeline.data.decode import decode_clip
+from pipeline.data.fingerprint import fingerprint_diff
+from pipeline.data.loader import LatentDataset, LatentLoader
+from pipeline.data.precompute import PrecomputeConfig, PrecomputeError, run_precompute
+from pipeline.data.shards import read_errors, read_output_manifest, read_samples, read_shard
+from pipeline.data.text import build_text_encoder, make_tiny_t5
+from pipeline.data.text_clip import make_tiny_clip
+from pipeline.data.vae import build_vae
+from tests.integration.ray_cluster import start_cluster
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+BUCKETS = "9x32x32,9x32x48,9x48x32"  # 9 frames at 8 fps: 1 s per clip; the 2-3 s test videos fit
+TINY_COG = {
+    "block_out_channels": [8, 16, 16], "down_block_types": ["CogVideoXDownBlock3D"] * 3,
+    "up_block_types": ["CogVideoXUpBlock3D"] * 3, "latent_channels": 4, "layers_per_block": 1,
+    "norm_num_groups": 4, "temporal_compression_ratio": 4, "sample_height": 32, "sample_width": 32,
+}
+GOOD = ["h264_mp4", "mpeg4_avi", "vp9_webm", "h264_mkv", "fps24", "fps60", "vfr", "landscape", "portrait"]
+SMALL = dict(decode_num_cpus=0.5, vae_num_cpus=0.5, text_num_cpus=0.5, progress=False)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module (run_precompute joins it instead of starting its own)."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inputs(test_videos, tmp_path_factory):
+    """A CSV manifest: the good test videos, then every bad kind; expected reason per bad path."""
+    folder = tmp_path_factory.mktemp("precompute_inputs")
+    bad = test_videos.bad()
+    rows = [(str(getattr(test_videos, n).path), f"a {n.replace('_', ' ')} video") for n in GOOD]
+    rows += [(str(path), f"broken {name.replace('_', ' ')}") for name, (path, _) in bad.items()]
+    manifest = folder / "videos.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["video", "caption"])
+        writer.writerows(rows)
+    t5 = make_tiny_t5(folder / "t5", [c for _, c in rows])
+    clip = make_tiny_clip(folder / "clip")
+    expected = {str(path): reason for path, reason in bad.values()}
+    return {"manifest": str(manifest), "rows": rows, "t5": str(t5), "clip": str(clip), "bad": expected}
+
+
+def cog_config(inputs, output, **overrides) -> PrecomputeConfig:
+    values = dict(manifest=inputs["manifest"], output=str(output), buckets=BUCKETS, fps=8.0, vae="cogvideox",
+                  vae_config=TINY_COG, text_encoder="t5", text_encoder_path=inputs["t5"], text_max_length=16,
+                  storage_dtype="float32", rows_per_work_unit=3, vae_batch_size=2, **SMALL)
+    return PrecomputeConfig(**{**values, **overrides})
+
+
+def pixel_args(inputs, output) -> list[str]:
+    return ["--manifest", inputs["manifest"], "--out", str(output), "--buckets", BUCKETS, "--fps", "8",
+            "--vae", "pixel", "--vae-config", '{"spatial": 4}', "--text-encoder", "clip",
+            "--text-encoder-path", inputs["clip"], "--rows-per-work-unit", "1", "--storage-dtype", "float32",
+            "--decode-num-cpus", "0.5", "--vae-num-cpus", "0.5", "--text-num-cpus", "0.5", "--no-progress"]
+
+
+def shard_bytes(root) -> dict[str, tuple]:
+    """Shard file -> (ids, latent bytes, text bytes) of a finished output."""
+    out = {}
+    for entry in read_output_manifest(root)["shards"]:
+        table = read_shard(Path(root) / entry["file"])
+        out[entry["file"]] = tuple(table.column(c).to_pylist() for c in ("id", "latent", "text"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cog_run(local_ray, inputs, tmp_path_factory):
+    output = tmp_path_factory.mktemp("cog") / "latents"
+    return output, run_precompute(cog_config(inputs, output))
+
+
+def test_cogvideox_t5_shards_manifest_and_errors(cog_run, inputs, capsys):
+    output, summary = cog_run
+    n_good, n_bad = len(GOOD), len(inputs["bad"])
+    assert summary["status"] == "complete" and summary["videos_in"] == n_good + n_bad
+    assert summary["clips_out"] == summary["clips_this_run"] == n_good  # one clip per good video
+    assert summary["failed_videos"] == n_bad and summary["clips_per_second"] > 0
+    reasons = sorted(inputs["bad"].values())
+    assert summary["failures_by_reason"] == {r: reasons.count(r) for r in set(reasons)}
+
+    manifest = read_output_manifest(output)
+    vae = build_vae("cogvideox", config=TINY_COG)
+    t5 = build_text_encoder("t5", path=inputs["t5"], max_length=16)
+    assert manifest["status"] == "complete"
+    assert fingerprint_diff(manifest["vae"], vae.fingerprint()) == []
+    assert fingerprint_diff(manifest["text_encoder"], t5.fingerprint()) == []
+    assert [b["key"] for b in manifest["buckets"]] == BUCKETS.split(",")
+    assert manifest["buckets"][1]["latent_shape"] == [4, 3, 8, 12]
+    assert manifest["latent"]["scaling_factor"] == vae.scaling_factor
+    assert sum(s["rows"] for s in manifest["shards"]) == n_good and len(manifest["shards"]) == 6
+
+    errors = read_errors(output)
+    assert {e["path"]: e["reason"] for e in errors} == inputs["bad"]
+    assert all(e["message"] and e["id"] for e in errors)
+
+    samples = [s for entry in manifest["shards"] for s in read_samples(output / entry["file"])]
+    by_path = {s["source_path"]: s for s in samples}
+    assert len({s["id"] for s in samples}) == n_good and set(by_path) == {r[0] for r in inputs["rows"][:n_good]}
+    assert by_path[str(inputs["rows"][GOOD.index("portrait")][0])]["bucket"] == "9x48x32"
+    assert by_path[str(inputs["rows"][GOOD.index("landscape")][0])]["bucket"] == "9x32x48"
+    for s in samples[:3]:  # the stored numbers are the encoders' own
+        f, h, w = (int(v) for v in s["bucket"].split("x"))
+        video = torch.from_numpy(decode_clip(s["source_path"], frames=f, height=h, width=w, fps=8.0, start=s["clip_start"]))
+        torch.testing.assert_close(s["latent"], vae.encode(video[None])[0], atol=1e-5, rtol=1e-4)
+        emb, mask = t5.encode([s["caption"]])
+        torch.testing.assert_close(s["text"], emb[0, mask[0]])
+        assert s["clip_end"] == pytest.approx(s["clip_start"] + 9 / 8) and s["fps"] == 8.0
+
+
+def test_second_run_skips_finished_units(cog_run, inputs, capsys):
+    output, _ = cog_run
+    before = {p: p.stat().st_mtime_ns for p in (output / "shards").iterdir()}
+    summary = run_precompute(cog_config(inputs, output))
+    assert summary["work_units_skipped"] == summary["work_units"] == 6 and summary["work_units_written"] == 0
+    assert summary["clips_out"] == len(GOOD) and summary["failed_videos"] == len(inputs["bad"])
+    assert {p: p.stat().st_mtime_ns for p in (output / "shards").iterdir()} == before
+    assert "videos in" in capsys.readouterr().out
+
+
+def test_stale_output_is_refused_unless_overwrite(cog_run, inputs, tmp_path):
+    output, _ = cog_run
+    with pytest.raises(PrecomputeError, match=r"other encoders, buckets or settings:\n  VAE weights_hash"):
+        run_precompute(cog_config(inputs, output, vae_seed=1))
+    with pytest.raises(PrecomputeError, match="(?s)buckets: 9x32x32,9x32x48,9x48x32 != 9x32x32.*--overwrite"):
+        run_precompute(cog_config(inputs, output, buckets="9x32x32"))
+    # A killed run is detected too: its provisional manifest names its encoders.
+    killed = tmp_path / "killed"
+    manifest = read_output_manifest(output)
+    killed.mkdir()
+    (killed / "manifest.json").write_text(json.dumps({**manifest, "status": "running", "shards": []}))
+    with pytest.raises(PrecomputeError, match="text encoder"):
+        run_precompute(cog_config(inputs, killed, text_max_length=8))
+    (killed / "shards").mkdir()
+    (killed / "shards" / "x.parquet").write_bytes(b"?")
+    (killed / "manifest.json").unlink()
+    with pytest.raises(PrecomputeError, match="holds shards but no manifest.json"):
+        run_precompute(cog_config(inputs, killed))
+
+
+@pytest.fixture(scope="module")
+def pixel_run(cog_run, inputs, tmp_path_factory):
+    """The uninterrupted reference: pixel codec + CLIP through `pomvid precompute`, one video per unit,
+    with --overwrite into a folder that holds another run's output (a copy of the CogVideoX one)."""
+    output = tmp_path_factory.mktemp("pixel") / "latents"
+    shutil.copytree(cog_run[0], output)
+    (output / "shards" / ".half-written.parquet.tmp").write_bytes(b"?")
+    summary_file = output.parent / "summary.json"
+    refused = io.StringIO()
+    with contextlib.redirect_stderr(refused):
+        assert pomvid(["precompute", *pixel_args(inputs, output), "--summary-json", str(summary_file)]) == 2
+    assert "was made with other encoders" in refused.getvalue() and "--overwrite" in refused.getvalue()
+    assert pomvid(["precompute", *pixel_args(inputs, output), "--overwrite", "--summary-json", str(summary_file)]) == 0
+    return output, json.loads(summary_file.read_text()), cog_run[0]
+
+
+def test_cli_overwrite_pixel_codec_clip_and_loader(pixel_run, inputs):
+    output, summary, stale = pixel_run
+    assert summary["status"] == "complete" and summary["work_units"] == len(inputs["rows"])
+    assert summary["work_units_skipped"] == 0  # overwrite: nothing of the old output is kept
+    files = {p.name for d in ("shards", "errors") for p in (output / d).iterdir()}
+    assert files.isdisjoint({p.name for d in ("shards", "errors") for p in (stale / d).iterdir()})
+    assert len(list((output / "shards").iterdir())) == len(inputs["rows"])
+    manifest = read_output_manifest(output)
+    assert manifest["vae"]["kind"] == "pixel" and manifest["text_encoder"]["kind"] == "clip"
+    for entry in manifest["shards"]:  # the pixel codec is exact: its latents decode to the decoded clip
+        for s in read_samples(output / entry["file"]):
+            f, h, w = (int(v) for v in s["bucket"].split("x"))
+            video = decode_clip(s["source_path"], frames=f, height=h, width=w, fps=8.0, start=s["clip_start"])
+            assert torch.equal(build_vae("pixel", config={"spatial": 4}).decode(s["latent"][None])[0],
+                               torch.from_numpy(video))
+    loader = LatentLoader(LatentDataset(output), batch_size=1, dp_rank=0, dp_size=1, seed=0)
+    batches = list(loader)
+    assert len(batches) == len(GOOD)
+    assert all(b["latents"].shape[:2] == (1, 48) and b["text_mask"].any() for b in batches)
+
+
+@pytest.fixture
+def cluster():
+    """A `ray start --head` cluster on 127.0.0.1 (token auth), stopped by killing its own processes only."""
+    cluster = start_cluster(num_cpus=2)
+    try:
+        yield cluster
+    finally:
+        stop_only(cluster)
+
+
+def stop_only(cluster) -> None:
+    # Not `ray stop`: that ends every Ray on the machine (this module's local Ray too).
+    gcs_port = cluster.gcs_address.rsplit(":", 1)[1]
+    mine = [p for p in psutil.process_iter(["cmdline"])
+            if any(str(cluster.temp_dir) in a or a.endswith(f":{gcs_port}") for a in p.info["cmdline"] or [])]
+    procs = {q.pid: q for p in mine for q in [p, *p.children(recursive=True)]}
+    for p in procs.values():
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(list(procs.values()), timeout=30)
+    shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+
+
+def test_sigkill_halfway_then_resume_as_ray_job_equals_uninterrupted_run(pixel_run, inputs, cluster, tmp_path):
+    reference = pixel_run[0]
+    output = tmp_path / "latents"
+    args = pixel_args(inputs, output)
+    # The driver joins the cluster through RAY_ADDRESS, as a Ray job's entrypoint does; then SIGKILL.
+    env = dict(cluster.env, RAY_ADDRESS=cluster.gcs_address)
+    proc = subprocess.Popen([sys.executable, "jobs/precompute_latents.py", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    total = len(inputs["rows"])
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list((output / "shards").glob("*.parquet"))) >= 2:
+                break
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = len(list((output / "shards").glob("*.parquet")))
+    assert 2 <= done < total, f"{done} of {total} shards when killed: not halfway"
+    assert read_output_manifest(output)["status"] == "running"
+
+    # Resume: the documented job submission, same arguments.
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    for _ in range(30):  # the head's job agent may still be registering ("No available agent")
+        result = cluster.run(ray_cli, "job", "submit", "--address", cluster.address, "--working-dir", ".", "--",
+                             "python", "jobs/precompute_latents.py", *args, cwd=ROOT)
+        if "No available agent" not in result.stderr:
+            break
+        time.sleep(2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "precompute complete" in result.stdout and "already done" in result.stdout
+    summary = json.loads((output / "manifest.json").read_text())["totals"]
+    assert summary["shards"] == total and summary["clips"] == len(GOOD)
+    assert shard_bytes(output) == shard_bytes(reference)  # same ids, same latent and text bytes
+    assert sorted(read_errors(output), key=lambda e: e["id"]) == sorted(read_errors(reference), key=lambda e: e["id"])
+    leftovers = [p.name for d in ("shards", "errors") for p in (output / d).iterdir() if p.suffix == ".tmp"]
+    assert leftovers == []
