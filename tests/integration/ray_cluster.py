@@ -91,8 +91,28 @@ def _wait_for_job_server(address: str, token: str, timeout: float = 120) -> None
 
 
 def stop_cluster(cluster: RayCluster) -> None:
-    subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "stop", "--force"],
-        capture_output=True, text=True, timeout=120, env=cluster.env,
-    )
+    """Kill this cluster's processes only: `ray stop` would end every Ray on the machine."""
+    import psutil
+
+    gcs_port = cluster.gcs_address.rsplit(":", 1)[1]
+    mine = [
+        p for p in psutil.process_iter(["cmdline"])
+        if any(str(cluster.temp_dir) in arg or arg.endswith(f":{gcs_port}") for arg in p.info["cmdline"] or [])
+    ]
+    processes = {q.pid: q for p in mine for q in [p, *_children(p)]}
+    for process in processes.values():
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(list(processes.values()), timeout=30)
     shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+
+
+def _children(process):
+    import psutil
+
+    try:
+        return process.children(recursive=True)
+    except psutil.Error:
+        return []

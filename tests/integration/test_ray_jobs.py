@@ -47,3 +47,38 @@ def test_token_file_is_accepted(ray_cluster, tmp_path):
     # Authenticated: the server answers that no such job exists (not an auth error).
     assert "authentication" not in (result.stdout + result.stderr).lower(), result.stderr
     assert "raysubmit_none" in result.stderr, result.stderr
+
+
+def _mlflow_runs(db: Path, experiment: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no MLflow experiment {experiment!r} in {db}"
+    return client.search_runs([found.experiment_id])
+
+
+def test_training_job_on_two_ray_train_workers(ray_cluster, tmp_path):
+    from tests.deepspeed_launch import common_args, write_latents
+
+    data = write_latents(tmp_path / "latents")
+    out = tmp_path / "run"
+    db = tmp_path / "mlflow.db"
+    train_args = common_args(data, out, steps=3)
+    tracking = train_args.index("--tracking")
+    train_args[tracking:tracking + 2] = ["--tracking-uri", f"sqlite:///{db}", "--experiment", "ray-train"]
+    env = dict(ray_cluster.env, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    result = ray_cluster.run(
+        *POMVID, "submit", "train", "--address", ray_cluster.address, "--follow", "--env", "DS_ACCELERATOR=cpu",
+        "--env", "OMP_NUM_THREADS=1", "--", "--workers", "2", "--cpus-per-worker", "1", "--", *train_args,
+        env=env, cwd=ROOT, timeout=900,
+    )
+    log = result.stdout[-6000:] + result.stderr[-3000:]
+    assert result.returncode == 0, log
+    assert "ended: SUCCEEDED" in result.stdout, log
+    assert "world_size=2" in result.stdout, log  # two Ray Train workers formed one process group
+    assert (out / "checkpoints" / "latest").exists(), log
+    runs = _mlflow_runs(db, "ray-train")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert "model.width" in runs[0].data.params
+    assert "train/loss" in runs[0].data.metrics
