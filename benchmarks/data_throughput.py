@@ -164,6 +164,126 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# End to end: the Ray pipeline (pipeline.data.precompute) against a plain single-process loop doing
+# the same work on the same files (probe, plan, decode, VAE, text encoder, write the shards), and on
+# a CUDA machine the pipeline's VAE utilisation: its clips/s divided by the VAE's own clips/s.
+# The VAE is the CogVideoX architecture with random weights on a GPU (the diffusers defaults are its
+# real shape), the pixel codec on CPU; the text encoder is a tiny CLIP on CPU (it is not measured).
+
+
+def end_to_end_config(folder: Path, paths: list[Path], *, repeats: int, bucket: Bucket, fps: float,
+                      clips_per_video: int, vae: str, workers: int):
+    """A manifest listing every source `repeats` times (distinct captions) and its PrecomputeConfig."""
+    from pipeline.data.precompute_config import PrecomputeConfig
+    from pipeline.data.text_clip import make_tiny_clip
+
+    manifest = folder / "manifest.csv"
+    lines = ["video,caption"] + [f"{p.absolute()},source {i} copy {r}" for r in range(repeats)
+                                 for i, p in enumerate(paths)]
+    manifest.write_text("\n".join(lines) + "\n")
+    clip = folder / "tiny_clip"
+    if not clip.exists():
+        make_tiny_clip(clip)
+    gpu = vae == "cogvideox"
+    return PrecomputeConfig(
+        manifest=str(manifest), output=str(folder / "latents"), buckets=bucket.name, fps=fps,
+        clips_per_video=clips_per_video, vae=vae, vae_config={} if gpu else {"spatial": 8},
+        text_encoder="clip", text_encoder_path=str(clip), rows_per_work_unit=2, vae_batch_size=4,
+        num_gpus_per_actor=1 if gpu else 0, text_num_gpus_per_actor=0, decode_num_cpus=1,
+        vae_num_cpus=1 if gpu else 0.5, text_num_cpus=0.5, ray_num_cpus=workers, overwrite=True, progress=False)
+
+
+def measure_loop(config) -> Row:
+    """The pipeline's stages called one after the other in this process, unit by unit (models loaded
+    before the clock starts)."""
+    import shutil
+
+    from pipeline.data.manifest import load_records
+    from pipeline.data.precompute import build_output_manifest, describe_text, describe_vae
+    from pipeline.data.precompute_stages import (
+        TextStage,
+        VAEStage,
+        decode_units,
+        make_work_units,
+        unit_to_row,
+        write_units,
+    )
+
+    shutil.rmtree(config.output, ignore_errors=True)
+    records = load_records(config.manifest)
+    vae = describe_vae(config.vae, config.vae_build_kwargs(), config.buckets)
+    text = describe_text(config.text_encoder, config.text_build_kwargs())
+    settings = build_output_manifest(config, vae, text, len(records))["settings_hash"]
+    encode = VAEStage(kind=config.vae, build_kwargs=config.vae_build_kwargs(), fingerprint=vae["fingerprint"],
+                      batch_size=config.vae_batch_size, num_cpus=1)
+    embed = TextStage(kind=config.text_encoder, build_kwargs=config.text_build_kwargs(),
+                      fingerprint=text["fingerprint"], batch_size=config.text_batch_size, num_cpus=1)
+
+    def run() -> int:
+        clips = 0
+        for unit in make_work_units(records, rows_per_unit=config.rows_per_work_unit, settings_hash=settings):
+            batch = {k: np.array([v]) for k, v in unit_to_row(unit).items()}
+            batch = decode_units(batch, buckets=config.buckets, fps=config.fps,
+                                 clips_per_video=config.clips_per_video, backend=config.decode_backend)
+            done = write_units(embed(encode(batch)), output=config.output, storage_dtype=config.storage_dtype)
+            clips += int(done["clips"].sum())
+        return clips
+
+    clips, wall, cpu = _timed(run)
+    return Row(measurement=f"loop: 1 process, {config.vae} VAE", clips=clips, wall_s=wall, cpu_s=cpu)
+
+
+def measure_pipeline(config) -> Row:
+    """run_precompute on a local Ray of config.ray_num_cpus CPUs; the rate once every actor is up."""
+    from pipeline.data.precompute import run_precompute
+
+    summary = run_precompute(config)
+    steady = summary["steady_clips_per_second"]
+    clips = summary["clips_this_run"]
+    note = (f"steady rate (first to last unit); {clips / summary['pipeline_seconds']:.2f} clips/s over "
+            f"{summary['pipeline_seconds']:.1f} s with actor start-up")
+    return Row(measurement=f"ray pipeline: {config.ray_num_cpus} CPUs, {config.vae} VAE", clips=clips,
+               wall_s=clips / steady if steady else summary["pipeline_seconds"], cpu_s=float("nan"), note=note)
+
+
+def measure_vae_alone(config, bucket: Bucket, *, batches: int = 30) -> Row:
+    """The VAE by itself on the GPU: batches of vae_batch_size random clips already on the device."""
+    from pipeline.data.vae import build_vae
+
+    vae = build_vae(config.vae, **config.vae_build_kwargs())
+    video = torch.rand(config.vae_batch_size, 3, bucket.frames, bucket.height, bucket.width, device="cuda") * 2 - 1
+    for _ in range(3):  # warm-up: cuDNN algorithm choice, allocator
+        vae.encode(video)
+    torch.cuda.synchronize()
+
+    def run() -> int:
+        for _ in range(batches):
+            vae.encode(video)
+        torch.cuda.synchronize()
+        return batches * config.vae_batch_size
+
+    clips, wall, cpu = _timed(run)
+    return Row(measurement=f"VAE alone: {config.vae}, batch {config.vae_batch_size}, {config.vae_build_kwargs()['dtype']}",
+               clips=clips, wall_s=wall, cpu_s=cpu)
+
+
+def run_end_to_end(folder: Path, paths: list[Path], args, bucket: Bucket) -> list[Row]:
+    """Loop and pipeline on the same files; with CUDA also the VAE alone and the utilisation ratio."""
+    cuda = torch.cuda.is_available()
+    vae = args.vae or ("cogvideox" if cuda else "pixel")
+    config = end_to_end_config(folder, paths, repeats=args.repeats, bucket=bucket, fps=args.fps,
+                               clips_per_video=args.clips_per_video, vae=vae, workers=args.workers)
+    rows = [measure_loop(config), measure_pipeline(config)]
+    rows[1].note += f"; {rows[1].clips_per_s / rows[0].clips_per_s:.2f}x the loop"
+    if cuda and vae != "pixel":
+        alone = measure_vae_alone(config, bucket)
+        ratio = rows[1].clips_per_s / alone.clips_per_s
+        alone.note = f"pipeline / VAE alone = {ratio:.2f} (target >= 0.9)"
+        rows.append(alone)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--videos", type=int, default=4, help="source videos to make")
@@ -174,6 +294,11 @@ def main() -> None:
     parser.add_argument("--clips-per-video", type=int, default=4)
     parser.add_argument("--measure", nargs="+", default=list(MEASUREMENTS), choices=list(MEASUREMENTS))
     parser.add_argument("--keep", type=Path, help="make the sources here (and keep them) instead of a temp dir")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="also time the Ray pipeline against a plain loop (and the GPU ratio with CUDA)")
+    parser.add_argument("--repeats", type=int, default=2, help="end to end: times the manifest lists each source")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="end to end: CPUs of the local Ray")
+    parser.add_argument("--vae", choices=["pixel", "cogvideox"], help="end to end: default cogvideox with CUDA")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     bucket = Bucket.parse(args.bucket)
@@ -193,7 +318,10 @@ def main() -> None:
         for name in args.measure:  # warm caches and imports once, off the clock
             MEASUREMENTS[name](paths[:1], **{**kw, "clips_per_video": 1})
         rows = [MEASUREMENTS[name](paths, **kw) for name in args.measure]
-    print(format_table(rows))
+        print(format_table(rows))
+        if args.end_to_end:
+            print(f"# end to end: {len(paths) * args.repeats} manifest rows, Ray on {args.workers} CPUs")
+            print(format_table(run_end_to_end(folder, paths, args, bucket)))
 
 
 if __name__ == "__main__":

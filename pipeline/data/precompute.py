@@ -64,7 +64,7 @@ def _init_ray(config: PrecomputeConfig) -> bool:
     return True
 
 
-def _describe_vae(kind: str, build_kwargs: dict, buckets: str) -> dict:
+def describe_vae(kind: str, build_kwargs: dict, buckets: str) -> dict:
     from pipeline.data.buckets import parse_buckets
     from pipeline.data.vae import build_vae
 
@@ -81,7 +81,7 @@ def _describe_vae(kind: str, build_kwargs: dict, buckets: str) -> dict:
     return {"fingerprint": vae.fingerprint(), "latent_shapes": shapes, "latent": latent}
 
 
-def _describe_text(kind: str, build_kwargs: dict) -> dict:
+def describe_text(kind: str, build_kwargs: dict) -> dict:
     from pipeline.data.text import build_text_encoder
 
     encoder = build_text_encoder(kind, **build_kwargs)
@@ -96,9 +96,9 @@ def describe_encoders(config: PrecomputeConfig) -> tuple[dict, dict]:
     """
     import ray
 
-    jobs = ((_describe_vae, (config.vae, config.vae_build_kwargs(), str(config.bucket_table())),
+    jobs = ((describe_vae, (config.vae, config.vae_build_kwargs(), str(config.bucket_table())),
              config.vae_num_cpus, config.num_gpus_per_actor),
-            (_describe_text, (config.text_encoder, config.text_build_kwargs()), config.text_num_cpus, config.text_gpus))
+            (describe_text, (config.text_encoder, config.text_build_kwargs()), config.text_num_cpus, config.text_gpus))
     refs = [ray.remote(fn).options(num_cpus=cpus, num_gpus=gpus).remote(*args) if gpus else None
             for fn, args, cpus, gpus in jobs]
     out = []
@@ -179,9 +179,10 @@ def prepare_output(config: PrecomputeConfig, manifest: dict) -> None:
 
 
 def decode_memory_bytes(config: PrecomputeConfig) -> int:
-    """Memory one decode task reserves: its unit's float32 clips twice (decoded + output), plus 256 MiB."""
+    """Memory one decode task reserves: its unit's float32 clips three times (frames being converted,
+    clips, the output block) plus 1 GiB for the process (torch, decoders, full-size source frames)."""
     largest = max(3 * b.frames * b.height * b.width * 4 for b in config.bucket_table())
-    return 2 * largest * config.clips_per_video * config.rows_per_work_unit + (256 << 20)
+    return 3 * largest * config.clips_per_video * config.rows_per_work_unit + (1 << 30)
 
 
 def _run_pipeline(config: PrecomputeConfig, rows: list[dict], vae_fp: dict, text_fp: dict) -> dict:
@@ -189,7 +190,7 @@ def _run_pipeline(config: PrecomputeConfig, rows: list[dict], vae_fp: dict, text
     import ray
     from tqdm import tqdm
 
-    stats = {"units": 0, "videos": 0, "clips": 0, "failures": {}}
+    stats = {"units": 0, "videos": 0, "clips": 0, "failures": {}, "arrivals": []}
     if not rows:
         return stats
     ctx = ray.data.DataContext.get_current()
@@ -220,6 +221,7 @@ def _run_pipeline(config: PrecomputeConfig, rows: list[dict], vae_fp: dict, text
             stats["units"] += 1
             stats["videos"] += int(row["videos"])
             stats["clips"] += int(row["clips"])
+            stats["arrivals"].append((time.time(), int(row["clips"])))  # for the steady-state rate
             for reason, n in json.loads(row["failures"]).items():
                 stats["failures"][reason] = stats["failures"].get(reason, 0) + n
             bar.update(1)
@@ -268,9 +270,19 @@ def run_precompute(config: PrecomputeConfig) -> dict:
         "pipeline_seconds": round(seconds, 3),
         "total_seconds": round(time.time() - start, 3),
         "clips_per_second": round(stats["clips"] / seconds, 3) if stats["clips"] else 0.0,
+        "steady_clips_per_second": round(steady_rate(stats["arrivals"]), 3),
     }
     print(format_summary(summary), flush=True)
     return summary
+
+
+def steady_rate(arrivals: list[tuple[float, int]]) -> float:
+    """Clips per second between the first and the last finished unit: the rate once every actor has
+    loaded its model (start-up excluded). 0.0 (unknown) with fewer than 4 units or under a second
+    between them: units arrive in bursts, so fewer say nothing."""
+    if len(arrivals) < 4 or arrivals[-1][0] - arrivals[0][0] < 1.0:
+        return 0.0
+    return sum(n for _, n in arrivals[1:]) / (arrivals[-1][0] - arrivals[0][0])
 
 
 def format_summary(summary: dict) -> str:
@@ -282,7 +294,9 @@ def format_summary(summary: dict) -> str:
         f"  clips out         {summary['clips_out']}  ({summary['clips_this_run']} this run)",
         f"  failed videos     {summary['failed_videos']}  ({failures}; details in {ERRORS_DIR}/*.jsonl)",
         f"  clips per second  {summary['clips_per_second']:.2f}  ({summary['clips_this_run']} clips in "
-        f"{summary['pipeline_seconds']:.1f} s; {summary['total_seconds']:.1f} s with start-up)",
+        f"{summary['pipeline_seconds']:.1f} s; {summary['total_seconds']:.1f} s with start-up; "
+        + (f"{summary['steady_clips_per_second']:.2f} once running)" if summary["steady_clips_per_second"]
+           else "too few work units for a steady rate)"),
     ]
     if summary["status"] != "complete":
         lines.append("  some work units have no shard (a worker died?): run the same command again to finish")
