@@ -34,6 +34,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def skip_cpu_shm_op() -> None:
+    """Do not JIT-compile DeepSpeed's CPU shared-memory all-reduce at init.
+
+    DeepSpeed's CPU backend builds it in every process start unless a matching build is cached; only
+    its inference all-reduce uses it (training collectives go through gloo). The build takes minutes on
+    a busy machine and is redone whenever another Python environment has used the shared
+    ~/.cache/torch_extensions in between (its flags differ), so CPU runs skip it.
+    """
+    import importlib
+
+    # By name: the attribute `deepspeed.comm.torch` is shadowed by the torch package itself.
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(ds_torch, "build_shm_op"):
+        ds_torch.build_shm_op = lambda: None
+
+
 def init_distributed() -> DistInfo:
     """Initialise DeepSpeed's process group (idempotent) and pick this process's device."""
     if not torch.cuda.is_available():
@@ -51,6 +67,8 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        if device.type == "cpu":
+            skip_cpu_shm_op()
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device)
 

@@ -23,6 +23,9 @@ def main() -> int:
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param
 
+    from pipeline.train.distributed import skip_cpu_shm_op
+
+    skip_cpu_shm_op()  # not needed for training; its JIT build is slow (see the function)
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     x = torch.arange(4, dtype=torch.float32).reshape(1, 4) * (rank + 1) + rank  # a different input per rank
