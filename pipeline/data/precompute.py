@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -60,7 +61,9 @@ def _init_ray(config: PrecomputeConfig) -> bool:
     if address is not None:
         ray.init(address=address)
     else:  # "local": ignore a job-server RAY_ADDRESS (http://...) meant for `ray job submit`
-        ray.init(address="local", num_cpus=config.ray_num_cpus, include_dashboard=False)
+        # 127.0.0.1: a local Ray's servers are reachable from this machine only.
+        ray.init(address="local", num_cpus=config.ray_num_cpus, include_dashboard=False,
+                 _node_ip_address="127.0.0.1")
     return True
 
 
@@ -216,7 +219,9 @@ def _run_pipeline(config: PrecomputeConfig, rows: list[dict], vae_fp: dict, text
                                                "num_cpus": config.text_num_cpus})
     ds = ds.map_batches(write_units, batch_size=1, num_cpus=config.write_num_cpus,
                         fn_kwargs={"output": config.output, "storage_dtype": config.storage_dtype})
-    with tqdm(total=len(rows), unit="unit", desc="precompute", disable=not config.progress, dynamic_ncols=True) as bar:
+    interactive = sys.stderr.isatty()  # in a Ray job's log, redraw every 30 s rather than 10 times a second
+    with tqdm(total=len(rows), unit="unit", desc="precompute", disable=not config.progress, dynamic_ncols=True,
+              mininterval=0.1 if interactive else 30.0) as bar:
         for row in ds.iter_rows():
             stats["units"] += 1
             stats["videos"] += int(row["videos"])
