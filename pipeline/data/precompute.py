@@ -207,12 +207,16 @@ def _run_pipeline(config: PrecomputeConfig, rows: list[dict], vae_fp: dict, text
                         memory=decode_memory_bytes(config),
                         fn_kwargs={"buckets": str(config.bucket_table()), "fps": config.fps,
                                    "clips_per_video": config.clips_per_video, "backend": config.decode_backend})
-    ds = ds.map_batches(VAEStage, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.vae_concurrency),
+    # Two calls per actor: Ray Data prepares the next unit (input fetch, batching) while the model runs
+    # on the current one; the model itself still runs one unit at a time.
+    ds = ds.map_batches(VAEStage, batch_size=1, compute=ray.data.ActorPoolStrategy(
+                            size=config.vae_concurrency, max_concurrent_calls_per_actor=2),
                         num_cpus=config.vae_num_cpus, num_gpus=config.num_gpus_per_actor,
                         fn_constructor_kwargs={"kind": config.vae, "build_kwargs": config.vae_build_kwargs(),
                                                "fingerprint": vae_fp, "batch_size": config.vae_batch_size,
                                                "num_cpus": config.vae_num_cpus})
-    ds = ds.map_batches(TextStage, batch_size=1, compute=ray.data.ActorPoolStrategy(size=config.text_concurrency),
+    ds = ds.map_batches(TextStage, batch_size=1, compute=ray.data.ActorPoolStrategy(
+                            size=config.text_concurrency, max_concurrent_calls_per_actor=2),
                         num_cpus=config.text_num_cpus, num_gpus=config.text_gpus,
                         fn_constructor_kwargs={"kind": config.text_encoder, "build_kwargs": config.text_build_kwargs(),
                                                "fingerprint": text_fp, "batch_size": config.text_batch_size,

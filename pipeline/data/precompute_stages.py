@@ -147,28 +147,43 @@ class VAEStage:
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
-        import torch
-
         metas, latents_out = [], []
         for meta_json, video in zip(batch["meta"], batch["video"]):
-            meta, latents, offset, i = json.loads(meta_json), [], 0, 0
-            clips = meta["clips"]
-            while i < len(clips):
-                # Consecutive clips of one shape (rows are sorted by bucket) are contiguous in `video`.
-                shape = clips[i]["shape"]
-                n = 1
-                while n < self.batch_size and i + n < len(clips) and clips[i + n]["shape"] == shape:
-                    n += 1
-                size = int(np.prod(shape))
-                chunk = torch.from_numpy(np.array(video[offset:offset + n * size])).view(n, *shape)  # writable copy
-                z = self.vae.encode(chunk.to(self.vae.device)).float().cpu()  # (n, C, T', H', W')
-                for k in range(n):
-                    clips[i + k]["latent_shape"] = list(z.shape[1:])
-                latents.append(z.numpy().reshape(-1))
-                offset, i = offset + n * size, i + n
-            metas.append(json.dumps(meta))
-            latents_out.append(_flat(latents))
-        return {"unit_id": batch["unit_id"], "meta": np.array(metas), "latent": _objects(latents_out)}
+            meta = json.loads(meta_json)
+            metas.append(meta)
+            latents_out.append(self._encode_unit(meta["clips"], video))
+        return {"unit_id": batch["unit_id"], "meta": np.array([json.dumps(m) for m in metas]),
+                "latent": _objects(latents_out)}
+
+    def _encode_unit(self, clips: list[dict], video: np.ndarray) -> np.ndarray:
+        """All clips of one unit; sets each clip's latent_shape; returns the latents flat (float32)."""
+        import warnings
+
+        import torch
+
+        if not clips:
+            return np.zeros(0, np.float32)
+        with warnings.catch_warnings():  # Ray hands out read-only arrays; nothing here writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.from_numpy(video)
+        if self.vae.device.type == "cuda":
+            # The whole unit to the GPU in one asynchronous copy, and the latents back in one: the GPU
+            # runs the unit's batches back to back instead of waiting for the host between them.
+            flat = flat.pin_memory().to(self.vae.device, non_blocking=True)
+        latents, offset, i = [], 0, 0
+        while i < len(clips):
+            # Consecutive clips of one shape (rows are sorted by bucket) are contiguous in `video`.
+            shape = clips[i]["shape"]
+            n = 1
+            while n < self.batch_size and i + n < len(clips) and clips[i + n]["shape"] == shape:
+                n += 1
+            size = int(np.prod(shape))
+            z = self.vae.encode(flat[offset:offset + n * size].view(n, *shape))  # (n, C, T', H', W')
+            for k in range(n):
+                clips[i + k]["latent_shape"] = list(z.shape[1:])
+            latents.append(z.reshape(-1))
+            offset, i = offset + n * size, i + n
+        return torch.cat(latents).float().cpu().numpy()
 
 
 class TextStage:
