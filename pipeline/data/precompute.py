@@ -249,6 +249,10 @@ def run_precompute(config: PrecomputeConfig) -> dict:
                            start_column=config.start_column, end_column=config.end_column)
     started_ray = _init_ray(config)
     try:
+        need, have = max(config.num_gpus_per_actor, config.text_gpus), ray.cluster_resources().get("GPU", 0)
+        if need and have < need:  # an autoscaling cluster may add GPU nodes; a fixed one never will
+            print(f"precompute: warning: encoder actors need {need:g} GPU each and the cluster has {have:g} now; "
+                  "waiting for GPUs (use --num-gpus-per-actor 0 to encode on CPUs)", file=sys.stderr, flush=True)
         vae, text = describe_encoders(config)
         manifest = build_output_manifest(config, vae, text, len(records))
         prepare_output(config, manifest)
