@@ -67,6 +67,7 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
         check_batch_keys,
         deep_merge,
         lr_scheduler_factory,
+        reapply_schedule,
     )
     from pipeline.train.ema import ShardedEMA
     from pipeline.train.metrics import measure_matmul_peak
@@ -119,9 +120,8 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
     if saved is not None:
         engine.load_checkpoint(str(load_dir), tag=ckpt.DS_TAG, load_optimizer_states=True,
                                load_lr_scheduler_states=True)
-        if engine.lr_scheduler is not None and hasattr(engine.lr_scheduler, "get_last_lr"):
-            for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-                group["lr"] = lr  # the restored schedule's LR, whatever the optimizer state carried
+        if scheduler is not None:  # ours, not a scheduler of the user's DeepSpeed JSON
+            reapply_schedule(engine.lr_scheduler, engine.lr_scheduler.optimizer, config)
         loader.load_state_dict(saved["loader"])
         ema_state = ckpt.load_ema(resume_dir)
         if ema_state is not None:
@@ -134,6 +134,8 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=1))
         (output_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
+        # The latents' manifest names the VAE and text encoder: `pomvid sample` needs it after the latents go.
+        ckpt.write_atomic(output_dir / "latents_manifest.json", json.dumps(dataset.manifest, indent=1))
         if saved is not None:
             log.info("resumed from %s (step %d%s)", resume_dir, start_step, ", universal" if universal else "")
     tracking = dict(tracking or {})

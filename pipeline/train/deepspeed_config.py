@@ -116,10 +116,26 @@ class WarmupCosine:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def make_schedule(config: RunConfig) -> WarmupCosine:
+    return WarmupCosine(warmup=config.optim.warmup_steps, total=config.train.steps,
+                        min_ratio=config.optim.min_lr_ratio, decay=config.optim.decay)
+
+
 def lr_scheduler_factory(config: RunConfig):
     """A callable DeepSpeed calls with its optimizer to build our LambdaLR."""
     import torch
 
-    schedule = WarmupCosine(warmup=config.optim.warmup_steps, total=config.train.steps,
-                            min_ratio=config.optim.min_lr_ratio, decay=config.optim.decay)
-    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, make_schedule(config))
+
+
+def reapply_schedule(scheduler, optimizer, config: RunConfig) -> None:
+    """After a checkpoint load: keep the restored step count but take the schedule's shape and peak LR
+    from the current config (a resume may extend train.steps or change optim.lr); identical when
+    nothing changed."""
+    schedule = make_schedule(config)
+    scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
+    scheduler.base_lrs = [config.optim.lr] * len(optimizer.param_groups)
+    lrs = [base * schedule(scheduler.last_epoch) for base in scheduler.base_lrs]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

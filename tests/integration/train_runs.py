@@ -5,7 +5,8 @@ Every run trains the `debug` recipe on the same 16-sample latent data set with t
 samples and EMA must agree; they differ only in how the work is spread:
 
     reference   1 process (`pomvid train`, the trainer in-process)
-    zero1/zero3 2 processes, dp=2, ZeRO-1 / ZeRO-3 (`deepspeed --num_gpus 2 jobs/train.py`)
+    zero1/zero3 2 processes, dp=2, ZeRO-1 / ZeRO-3 with activation checkpointing per block
+                (`deepspeed --num_gpus 2 jobs/train.py`)
     zero2       2 processes, dp=2, ZeRO-2 (`jobs/launch/single_node.sh --gpus 2`)
     sp2         2 processes, dp=1 x sp=2 (frames sharded), ZeRO-2
 
@@ -30,7 +31,7 @@ RUNS = {
     "reference": {"procs": 1, "set": []},
     "zero1": {"procs": 2, "set": ["engine.zero_stage=1"]},
     "zero2": {"procs": 2, "set": ["engine.zero_stage=2"], "script": "single_node"},
-    "zero3": {"procs": 2, "set": ["engine.zero_stage=3"]},
+    "zero3": {"procs": 2, "set": ["engine.zero_stage=3", "engine.activation_checkpointing=true"]},
     "sp2": {"procs": 2, "set": ["parallel.sp=2", "engine.zero_stage=2"]},
 }
 

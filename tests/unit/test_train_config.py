@@ -132,3 +132,26 @@ def test_warmup_then_cosine():
     assert values == sorted(values, reverse=True)
     assert WarmupCosine(warmup=0, total=10, min_ratio=0.0)(0) == 1.0
     assert WarmupCosine(warmup=2, total=10, min_ratio=0.0, decay="constant")(9) == 1.0
+
+
+def test_resumed_schedule_keeps_the_step_and_takes_the_new_config():
+    import torch
+
+    from pipeline.train.deepspeed_config import lr_scheduler_factory, make_schedule, reapply_schedule
+
+    config = apply_overrides(get_recipe("debug"), ["train.steps=10", "optim.warmup_steps=2"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.optim.lr)
+    scheduler = lr_scheduler_factory(config)(optimizer)
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    state = scheduler.state_dict()
+    longer = apply_overrides(config, ["train.steps=40", "optim.lr=2e-3"])
+    optimizer2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=longer.optim.lr)
+    resumed = lr_scheduler_factory(longer)(optimizer2)
+    resumed.load_state_dict(state)  # carries the old schedule's fields, as DeepSpeed's load does
+    reapply_schedule(resumed, optimizer2, longer)
+    assert resumed.last_epoch == 5
+    assert optimizer2.param_groups[0]["lr"] == pytest.approx(2e-3 * make_schedule(longer)(5))
+    reapply_schedule(scheduler, optimizer, config)  # nothing changed: nothing moves
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * make_schedule(config)(5))
