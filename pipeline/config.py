@@ -421,7 +421,24 @@ def XL() -> RunConfig:  # noqa: N802
     return _gpu_recipe("XL", "XL", micro=4, checkpointing=True)
 
 
-RECIPES = {"debug": debug, "S": S, "B": B, "XL": XL}
+def demo() -> RunConfig:
+    """`pomvid demo`: a 0.7M-parameter PoM DiT on 16x16 moving shapes (pixel codec latents, tiny text
+    encoder), two CPU processes with sp=2, fp32, ZeRO-2. The demo sets its measured values with --set."""
+    return RunConfig(
+        recipe="demo",
+        model=DiTConfig(width=64, depth=4, patch_size=2, in_channels=12, text_dim=32),
+        data=DataConfig(global_batch_size=16, micro_batch_size=16),
+        parallel=ParallelConfig(sp=2),
+        optim=OptimConfig(lr=2e-3, warmup_steps=100, decay="constant"),
+        engine=EngineConfig(zero_stage=2, precision="fp32"),
+        flow=FlowConfig(caption_dropout=0.1),
+        train=TrainConfig(steps=3000, log_every=50, checkpoint_every=500, keep_checkpoints=1, ema_decay=0.99,
+                          output_dir="outputs/demo/run"),
+        validation=ValidationConfig(every=0),
+    )
+
+
+RECIPES = {"debug": debug, "S": S, "B": B, "XL": XL, "demo": demo}
 
 
 def get_recipe(name: str) -> RunConfig:
