@@ -16,9 +16,11 @@ from pipeline import __version__
 
 # Subcommand name -> module in pipeline.commands. Keep sorted by the order a user meets them.
 COMMANDS: dict[str, str] = {
+    "demo": "demo",
     "precompute": "precompute",
     "submit": "submit",
     "train": "train",
+    "sample": "sample",
     "bench": "bench",
     "runs": "runs",
 }
