@@ -246,15 +246,19 @@ class VideoGenerator:
         cfg = self.model.config
         try:
             shape = self.vae.latent_shape(frames, height, width)
-            cfg.check_latent_shape(*shape[1:])
+            reason = None
         except ValueError as err:
+            shape, reason = None, str(err)
+        if shape is not None and (shape[1] % cfg.patch_t or shape[2] % cfg.patch_size or shape[3] % cfg.patch_size):
+            reason = (f"its latents ({shape[1]} frames of {shape[2]}x{shape[3]}) do not split into the model's "
+                      f"patches (patch_t={cfg.patch_t}, patch_size={cfg.patch_size})")
+        if reason is not None:
             step = self.vae.spatial_compression * cfg.patch_size
             raise SampleError(
-                f"cannot make {frames} frames of {height}x{width}: {err}. This model makes heights and widths that "
-                f"are multiples of {step} (VAE x{self.vae.spatial_compression}, patch {cfg.patch_size}) and frame "
-                f"counts whose {self.vae.temporal_compression}x-compressed latent count is a multiple of "
-                f"patch_t={cfg.patch_t}; it was trained on {'x'.join(map(str, self.train_size))} (frames x h x w)"
-            ) from None
+                f"cannot make {frames} frames of {height}x{width}: {reason}. This model makes heights and widths "
+                f"that are multiples of {step} (VAE x{self.vae.spatial_compression} times patch {cfg.patch_size}); "
+                f"it was trained on {self.train_size[0]} frames of {self.train_size[1]}x{self.train_size[2]}"
+            )
         return shape
 
     @torch.no_grad()
