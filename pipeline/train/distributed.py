@@ -66,10 +66,10 @@ def init_distributed() -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    if not dist.is_initialized():
-        if device.type == "cpu":
-            skip_cpu_shm_op()
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu":
+        skip_cpu_shm_op()
+    # Idempotent, and wraps a process group someone else made (e.g. Ray Train's workers).
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device)
 
 
