@@ -131,3 +131,48 @@ def test_sequence_parallel_ranks_get_slices_of_the_same_draws():
                                whole.local.extras["target"])
     assert [p.local.shard.frame_offset for p in parts] == [0, 2]
     assert all(torch.equal(p.local.timesteps, whole.local.timesteps) for p in parts)
+
+
+class _Latents:
+    """The parts of a LatentDataset the conditioning reads."""
+
+    def __init__(self, root, manifest):
+        self.root, self.manifest = root, manifest
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, index):
+        return {"text": torch.full((2 + index, 8), float(index)), "caption": f"clip {index}",
+                "latent": torch.zeros(4, 4, 4, 4)}
+
+
+def test_validation_captions_and_null_caption(tmp_path):
+    from pipeline.config import get_recipe
+    from pipeline.config_overrides import apply_overrides
+    from pipeline.data.text import build_text_encoder
+    from pipeline.data.text_clip import make_tiny_clip
+    from pipeline.train.conditioning import load_or_compute
+
+    encoder = build_text_encoder("clip", path=make_tiny_clip(tmp_path / "clip", width=8, context_length=16))
+    buckets = [{"key": "b", "latent_shape": [4, 4, 2, 2]}]
+    config = apply_overrides(get_recipe("debug"), ["validation.prompts=a red ball|a blue cube"])
+    cond = load_or_compute(config, _Latents(tmp_path, {"text_encoder": encoder.fingerprint(), "buckets": buckets}),
+                           output_dir=tmp_path / "run", is_main=True, device=torch.device("cpu"))
+    emb, mask = encoder.encode(["", "a red ball"])
+    torch.testing.assert_close(cond.null_text, emb[0][mask[0]])  # the encoded empty caption
+    n = int(mask[1].sum())
+    torch.testing.assert_close(cond.val_text[0, :n], emb[1][mask[1]])
+    assert cond.val_mask[0].sum() == n and cond.val_captions == ["a red ball", "a blue cube"]
+    assert cond.val_shapes == [(4, 4, 2, 2)] * 2  # the first bucket's latents
+    assert (tmp_path / "run" / "conditioning.safetensors").is_file()
+
+    # No text encoder in the manifest: prompts are refused; empty prompts use the data set's captions
+    # and the null caption is the empty context.
+    plain = _Latents(tmp_path, {"buckets": buckets})
+    with pytest.raises(ConfigError, match="records none; leave validation.prompts empty"):
+        load_or_compute(config, plain, output_dir=tmp_path / "other", is_main=True, device=torch.device("cpu"))
+    config = apply_overrides(config, ["validation.prompts=[]", "validation.num_samples=2"])
+    cond = load_or_compute(config, plain, output_dir=tmp_path / "other", is_main=True, device=torch.device("cpu"))
+    assert cond.val_captions == ["clip 0", "clip 1"] and cond.val_shapes == [(4, 4, 4, 4)] * 2
+    assert cond.val_mask.sum(dim=1).tolist() == [2, 3] and not cond.null_mask.any()
