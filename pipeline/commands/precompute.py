@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=field.name, type=convert, required=required,
                             default=None if required else field.default, help=help_text)
     parser.add_argument("--summary-json", help="also write the summary to this JSON file")
+    from pipeline.tracking.cliargs import add_tracking_args
+
+    add_tracking_args(parser)
 
 
 def _json_arg(value: str | None, flag: str):
@@ -80,14 +83,56 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from pipeline.data.manifest import ManifestError
     from pipeline.data.precompute import PrecomputeError, run_precompute
+    from pipeline.tracking import TrackingError
 
     try:
         config = config_from_args(args)
+        tracker = _start_tracking(args, config)
+    except (ValueError, ManifestError, TrackingError) as err:
+        print(f"pomvid precompute: {err}", file=sys.stderr)
+        return 2
+    status = "FAILED"
+    try:
         summary = run_precompute(config)
+        _log_summary(tracker, config, summary)
+        status = "FINISHED" if summary["status"] == "complete" else "FAILED"
     except (ValueError, ManifestError, PrecomputeError, FileNotFoundError) as err:
         print(f"pomvid precompute: {err}", file=sys.stderr)
         return 2
+    finally:
+        tracker.end(status)
     if args.summary_json:
         with open(args.summary_json, "w") as f:
             json.dump(summary, f, indent=2)
     return 0 if summary["status"] == "complete" else 1
+
+
+def _start_tracking(args, config):
+    """An MLflow run of kind `precompute` (a no-op tracker with --tracking off or on rank != 0)."""
+    import time
+
+    from pipeline.tracking import start_run
+    from pipeline.tracking.cliargs import tracking_kwargs
+
+    kwargs = tracking_kwargs(args)
+    kwargs["run_name"] = kwargs["run_name"] or f"precompute-{time.strftime('%Y%m%d-%H%M%S')}"
+    kwargs.pop("upload_checkpoints")
+    return start_run(config={"precompute": dataclasses.asdict(config)}, output_dir=config.output,
+                     tags={"pomvid.kind": "precompute"}, **kwargs)
+
+
+def _log_summary(tracker, config, summary: dict) -> None:
+    from pathlib import Path
+
+    counts = {k: summary[k] for k in ("videos_in", "clips_out", "failed_videos", "work_units",
+                                      "work_units_written", "work_units_skipped", "clips_this_run")}
+    tracker.log_precompute_summary(
+        counts=counts, elapsed_s=summary["total_seconds"], failures_by_reason=summary["failures_by_reason"],
+        throughput={"clips_per_second": summary["clips_per_second"],
+                    "steady_clips_per_second": summary["steady_clips_per_second"]},
+        extra={"status": summary["status"], "output": summary["output"]},
+    )
+    errors = Path(config.output) / "errors"
+    if errors.is_dir() and any(errors.iterdir()):
+        tracker.log_artifact(errors, "errors")  # every failed video with its reason
+    tracker.log_artifact(Path(config.output) / "manifest.json")

@@ -13,6 +13,7 @@ first shard): a run with others is refused unless `overwrite=True`. See docs/pre
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -62,9 +63,44 @@ def _init_ray(config: PrecomputeConfig) -> bool:
         ray.init(address=address)
     else:  # "local": ignore a job-server RAY_ADDRESS (http://...) meant for `ray job submit`
         # 127.0.0.1: a local Ray's servers are reachable from this machine only.
-        ray.init(address="local", num_cpus=config.ray_num_cpus, include_dashboard=False,
+        ray.init(address="local", num_cpus=local_ray_cpus(config), include_dashboard=False,
                  _node_ip_address="127.0.0.1")
     return True
+
+
+def minimum_cpus(config: PrecomputeConfig) -> float:
+    """Logical CPUs the pipeline needs to make progress: every encoder actor, one decode and one write task.
+    With fewer, the actors hold every CPU and no decode task is ever scheduled (a silent hang)."""
+    return (config.vae_num_cpus * config.vae_concurrency + config.text_num_cpus * config.text_concurrency
+            + config.decode_num_cpus + config.write_num_cpus)
+
+
+def local_ray_cpus(config: PrecomputeConfig) -> int:
+    """Logical CPUs of a local Ray: the machine's (or --ray-num-cpus), raised to what the stages reserve.
+
+    Ray's CPUs are reservations, not cores: on a 2-core laptop the VAE actor, the text actor and the
+    decode tasks must still all fit, and the OS shares the cores between them."""
+    wanted = config.ray_num_cpus or os.cpu_count() or 1
+    needed = math.ceil(minimum_cpus(config))
+    if config.ray_num_cpus and config.ray_num_cpus < needed:
+        print(f"precompute: --ray-num-cpus {config.ray_num_cpus} is below the {needed} CPUs the stages reserve "
+              f"(encoder actors + one decode + one write task); starting the local Ray with {needed}",
+              file=sys.stderr, flush=True)
+    return max(wanted, needed)
+
+
+def warn_if_cluster_too_small(config: PrecomputeConfig, cluster_cpus: float) -> None:
+    """Say so when the stages cannot all run at once on the cluster as it is now (an autoscaling
+    cluster may still add nodes, so this waits rather than fails)."""
+    needed = minimum_cpus(config)
+    if cluster_cpus < needed:
+        print(
+            f"precompute: warning: the Ray cluster has {cluster_cpus:g} CPUs now but the stages reserve {needed:g} "
+            f"(VAE actors {config.vae_concurrency} x {config.vae_num_cpus:g}, text actors {config.text_concurrency}"
+            f" x {config.text_num_cpus:g}, decode {config.decode_num_cpus:g}, write {config.write_num_cpus:g}); "
+            "waiting for nodes (or lower --vae-num-cpus/--text-num-cpus/--decode-num-cpus)",
+            file=sys.stderr, flush=True,
+        )
 
 
 def describe_vae(kind: str, build_kwargs: dict, buckets: str) -> dict:
@@ -249,6 +285,8 @@ def run_precompute(config: PrecomputeConfig) -> dict:
                            start_column=config.start_column, end_column=config.end_column)
     started_ray = _init_ray(config)
     try:
+        if not started_ray:  # a cluster we joined
+            warn_if_cluster_too_small(config, ray.cluster_resources().get("CPU", 0))
         need, have = max(config.num_gpus_per_actor, config.text_gpus), ray.cluster_resources().get("GPU", 0)
         if need and have < need:  # an autoscaling cluster may add GPU nodes; a fixed one never will
             print(f"precompute: warning: encoder actors need {need:g} GPU each and the cluster has {have:g} now; "

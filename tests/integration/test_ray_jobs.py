@@ -82,3 +82,32 @@ def test_training_job_on_two_ray_train_workers(ray_cluster, tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert "model.width" in runs[0].data.params
     assert "train/loss" in runs[0].data.metrics
+
+
+def test_precompute_job_submitted_with_ray_job_submit(ray_cluster, tmp_path):
+    from pipeline.data.shards import read_output_manifest
+    from pipeline.data.text_clip import make_tiny_clip
+    from pipeline.demo.shapes import ShapesConfig, write_shapes_dataset
+
+    manifest = write_shapes_dataset(tmp_path / "videos", ShapesConfig(frames=8, height=16, width=16), count=4)
+    clip = make_tiny_clip(tmp_path / "clip")
+    out = tmp_path / "latents"
+    db = tmp_path / "mlflow.db"
+    args = [
+        "--manifest", str(manifest), "--out", str(out), "--buckets", "8x16x16", "--fps", "8", "--vae", "pixel",
+        "--vae-config", '{"spatial": 2}', "--text-encoder", "clip", "--text-encoder-path", str(clip),
+        "--rows-per-work-unit", "2", "--decode-num-cpus", "0.5", "--vae-num-cpus", "0.5", "--text-num-cpus", "0.5",
+        "--no-progress", "--tracking-uri", f"sqlite:///{db}", "--experiment", "ray-precompute",
+    ]
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    result = ray_cluster.run(ray_cli, "job", "submit", "--address", ray_cluster.address, "--working-dir", ".", "--",
+                             "python", "jobs/precompute_latents.py", *args, cwd=ROOT, timeout=900)
+    log = result.stdout[-6000:] + result.stderr[-3000:]
+    assert result.returncode == 0, log
+    assert "succeeded" in (result.stdout + result.stderr).lower(), log  # "Job ... succeeded"
+    written = read_output_manifest(out)
+    assert written["status"] == "complete" and written["totals"]["clips"] == 4, written
+    runs = _mlflow_runs(db, "ray-precompute")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["pomvid.kind"] == "precompute"
+    assert runs[0].data.metrics["precompute/clips_out"] == 4
