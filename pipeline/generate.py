@@ -43,8 +43,8 @@ class SampleOptions:
     """How to sample: video size, solver, guidance, seed."""
 
     frames: int | None = None
-    """Video frames; None: the frame count of the training clips (more needs `sequential` on a causal model
-    to stay in the trained regime, but any count the VAE and the patches allow is accepted)."""
+    """Video frames; None: the training clips' count. Any count the VAE and the patches allow is accepted;
+    a block-causal model with `sequential` is the one made to go past the training length."""
 
     height: int | None = None
     """Video height in pixels; None: the training clips' height."""
@@ -97,12 +97,15 @@ class GeneratedVideo:
     """One generated video and how it was made."""
 
     prompt: str
+    """The caption it was generated from."""
     seed: int
+    """Seed of its initial noise."""
     video: torch.Tensor
     """float (3, T, H, W) in [-1, 1], on the CPU."""
     seconds: float
     """Wall time of its batch divided by the batch size (sampling and decoding)."""
     options: SampleOptions
+    """The options it was sampled with."""
 
 
 # -- locating a checkpoint and its manifest -------------------------------------------------------------

@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("pomvid.demo").setLevel(logging.INFO)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its database set-up notes are no news here
     if args.seed < 0:
         print(f"pomvid demo: error: --seed {args.seed} must be >= 0", file=sys.stderr)
         return 2

@@ -117,12 +117,36 @@ def make_data(paths: DemoPaths, settings: DemoSettings) -> Path:
 
             make_tiny_clip(folder, width=settings.text_dim, context_length=settings.text_len, seed=settings.seed)
         else:
+            from transformers.utils import logging as hf_logging
+
             from pipeline.data.text import make_tiny_t5
 
+            hf_logging.disable_progress_bar()  # "Writing model shards" of a 100 kB model
             captions = [spec.caption for spec in specs_for_split(config, "train")]  # every word occurs there
             make_tiny_t5(folder, captions, dim=settings.text_dim, seed=settings.seed)
+        check_caption_length(settings, folder, [spec.caption for spec in specs_for_split(config, "all")])
         done.write_text("ok\n")
     return manifest
+
+
+def check_caption_length(settings: DemoSettings, folder: Path, captions: list[str]) -> None:
+    """Every caption must fit the encoder's text_len: a truncated one loses its last words (the direction),
+    and the model could never learn them. The tiny T5's sentencepiece splits words into characters."""
+    if settings.text_encoder == "t5":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        counts = [len(tokenizer(c).input_ids) for c in captions]  # with the end-of-text token
+    else:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        tokenizer = SimpleTokenizer()
+        counts = [len(tokenizer.encode(c)) + 2 for c in captions]  # with start and end tokens
+    longest = max(counts)
+    if longest > settings.text_len:
+        caption = captions[counts.index(longest)]
+        raise DemoError(f"caption {caption!r} takes {longest} tokens of the {settings.text_encoder} encoder but "
+                        f"text_len={settings.text_len}: its end would be cut off; raise text_len to {longest}")
 
 
 def precompute(paths: DemoPaths, settings: DemoSettings, manifest: Path, *, say) -> dict:

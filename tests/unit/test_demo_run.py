@@ -78,3 +78,17 @@ def test_report_says_where_everything_is(tmp_path):
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'} --host 127.0.0.1" in text
     assert "11.7 min" in text and "train 600 s" in text
     assert "smoke run" in report(paths, record, quick=True)
+
+
+def test_captions_that_do_not_fit_the_text_length_are_refused(tmp_path):
+    from pipeline.data.text import make_tiny_t5
+    from pipeline.demo.run import check_caption_length
+
+    captions = held_out_captions(DemoSettings())
+    check_caption_length(replace(DemoSettings(), text_encoder="clip", text_len=7), tmp_path, captions)
+    with pytest.raises(DemoError, match="text_len=6"):
+        check_caption_length(replace(DemoSettings(), text_encoder="clip", text_len=6), tmp_path, captions)
+    folder = make_tiny_t5(tmp_path / "t5", captions)  # sentencepiece on 8 captions: about one token a letter
+    with pytest.raises(DemoError, match="its end would be cut off; raise text_len to"):
+        check_caption_length(replace(DemoSettings(), text_len=16), folder, captions)
+    check_caption_length(DemoSettings(), folder, captions)
