@@ -96,7 +96,7 @@ class Trainer:
         self.dtype = next(engine.module.parameters()).dtype
         self.meter = StepMeter(config.model, world_size=info.world_size, device=info.device, peak_flops=peak_flops)
         self._saved_step = start_step if start_step else None
-        self._validated_step: int | None = None
+        self._validated_step = start_step if start_step else None  # a finished run resumed: nothing to redo
         self._latent_shape: tuple[int, ...] = ()
         self._text_len = 0
 
