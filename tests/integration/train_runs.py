@@ -5,7 +5,8 @@ Every run trains the `debug` recipe on the same 16-sample latent data set with t
 samples and EMA must agree; they differ only in how the work is spread:
 
     reference   1 process (`pomvid train`, the trainer in-process)
-    zero1/zero3 2 processes, dp=2, ZeRO-1 / ZeRO-3 with activation checkpointing per block
+    zero1       2 processes, dp=2, ZeRO-1 (`pomvid train --num_gpus 2`, which starts the launcher)
+    zero3       2 processes, dp=2, ZeRO-3 with activation checkpointing per block
                 (`deepspeed --num_gpus 2 jobs/train.py`)
     zero2       2 processes, dp=2, ZeRO-2 (`jobs/launch/single_node.sh --gpus 2`)
     sp2         2 processes, dp=1 x sp=2 (frames sharded), ZeRO-2
@@ -21,7 +22,16 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.deepspeed_launch import ROOT, common_args, cpu_env, launch, output_of, train_cli, write_latents
+from tests.deepspeed_launch import (
+    ROOT,
+    common_args,
+    cpu_env,
+    free_port,
+    launch,
+    output_of,
+    train_cli,
+    write_latents,
+)
 
 _BASE = Path(tempfile.mkdtemp(prefix="pomvid-train-runs-"))
 atexit.register(shutil.rmtree, _BASE, ignore_errors=True)
@@ -29,7 +39,7 @@ _DONE: dict[str, Path] = {}
 
 RUNS = {
     "reference": {"procs": 1, "set": []},
-    "zero1": {"procs": 2, "set": ["engine.zero_stage=1"]},
+    "zero1": {"procs": 2, "set": ["engine.zero_stage=1"], "script": "pomvid"},
     "zero2": {"procs": 2, "set": ["engine.zero_stage=2"], "script": "single_node"},
     "zero3": {"procs": 2, "set": ["engine.zero_stage=3", "engine.activation_checkpointing=true"]},
     "sp2": {"procs": 2, "set": ["parallel.sp=2", "engine.zero_stage=2"]},
@@ -56,9 +66,9 @@ def run(name: str) -> Path:
     args = common_args(data(), out, extra=extra)
     if spec["procs"] == 1:
         result = train_cli(args)
+    elif spec.get("script") == "pomvid":
+        result = train_cli([*args, "--num_gpus", "2", "--master_port", str(free_port())], timeout=420)
     elif spec.get("script") == "single_node":
-        from tests.deepspeed_launch import free_port
-
         result = subprocess.run(["bash", "jobs/launch/single_node.sh", "--gpus", "2", "--master-port", str(free_port()),
                                  *args], cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=420)
     else:
