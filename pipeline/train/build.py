@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -139,7 +140,9 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
         if saved is not None:
             log.info("resumed from %s (step %d%s)", resume_dir, start_step, ", universal" if universal else "")
     tracking = dict(tracking or {})
-    tracker = start_run(config=config_to_dict(config), output_dir=output_dir, rank=info.rank, run_id=run_id,
+    # The resolved process layout sits beside the config: parallel.dp may be 0 (= world size / sp).
+    run_params = {**config_to_dict(config), "layout": dataclasses.asdict(layout)}
+    tracker = start_run(config=run_params, output_dir=output_dir, rank=info.rank, run_id=run_id,
                         deepspeed_config=ds_config, **tracking)
     peak = None
     if info.device.type == "cuda":

@@ -80,7 +80,7 @@ def test_training_job_on_two_ray_train_workers(ray_cluster, tmp_path):
     assert (out / "checkpoints" / "latest").exists(), log
     runs = _mlflow_runs(db, "ray-train")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert "model.width" in runs[0].data.params
+    assert runs[0].data.params["layout.world_size"] == "2" and runs[0].data.params["layout.dp"] == "2"
     assert "train/loss" in runs[0].data.metrics
 
 
