@@ -113,9 +113,12 @@ def demo_settings(quick: bool = False, *, seed: int = 0) -> DemoSettings:
         recipe = None
     if recipe is not None and hasattr(recipe, "demo_settings"):
         chosen = recipe.demo_settings(quick)
-        values = chosen if isinstance(chosen, dict) else asdict(chosen)
-        known = {f.name for f in fields(DemoSettings)}
-        base = replace(base, **{k: v for k, v in values.items() if k in known})
+        values = dict(chosen) if isinstance(chosen, dict) else asdict(chosen)
+        unknown = sorted(set(values) - {f.name for f in fields(DemoSettings)})
+        if unknown:
+            raise ValueError(f"pipeline/demo/recipe.py demo_settings({quick}) sets {unknown}, which DemoSettings "
+                             "does not have; name DemoSettings fields (pipeline/demo/settings.py)")
+        base = replace(base, **values)
     elif quick:
         base = replace(base, **QUICK)
     return replace(base, seed=seed)
