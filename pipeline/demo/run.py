@@ -168,17 +168,20 @@ def precompute(paths: DemoPaths, settings: DemoSettings, manifest: Path, *, say)
         ray_num_cpus=cpus, progress=False)
     tracker = start_run(config={"precompute": config.to_dict(), "demo": settings.to_dict()},
                         tracking_uri=paths.tracking_uri, experiment=EXPERIMENT, run_name="demo-precompute", rank=0,
-                        tags={"pomvid.job": "precompute", "pomvid.demo": "true"}, plots_at_end=False)
+                        tags={"pomvid.kind": "precompute", "pomvid.demo": "true"}, plots_at_end=False)
     status = "FAILED"
     try:
         with redirect_output(paths.root / "precompute.log"):  # Ray's logs; the summary is printed below
             summary = run_precompute(config)
         say("      " + format_summary(summary).replace("\n", "\n      "))
+        # The same metric names as `pomvid precompute`'s runs, so `pomvid runs compare` lines them up.
         log_precompute_summary(
-            tracker, counts={"videos": summary["videos_in"], "clips": summary["clips_out"],
-                             "work_units": summary["work_units"], "failed_videos": summary["failed_videos"]},
-            elapsed_s=summary["pipeline_seconds"], failures_by_reason=summary["failures_by_reason"],
-            errors_path=paths.latents / "errors")
+            tracker, counts={k: summary[k] for k in ("videos_in", "clips_out", "failed_videos", "work_units",
+                                                     "work_units_written", "work_units_skipped", "clips_this_run")},
+            elapsed_s=summary["total_seconds"], failures_by_reason=summary["failures_by_reason"],
+            throughput={k: summary[k] for k in ("clips_per_second", "steady_clips_per_second")},
+            errors_path=paths.latents / "errors", extra={"status": summary["status"], "output": summary["output"]})
+        tracker.log_artifact(paths.latents / "manifest.json")
         status = "FINISHED" if summary["status"] == "complete" else "FAILED"
     finally:
         tracker.end(status)

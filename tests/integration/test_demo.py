@@ -61,7 +61,8 @@ def test_mlflow_holds_both_runs_with_params_metrics_and_videos(demo):
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     assert set(runs) == {"demo-precompute", "demo-train"}
     pre, train = runs["demo-precompute"], runs["demo-train"]
-    assert pre.data.metrics["precompute/clips"] == 32 and pre.info.status == "FINISHED"
+    assert pre.data.metrics["precompute/clips_out"] == 32 and pre.info.status == "FINISHED"
+    assert "manifest.json" in [a.path for a in client.list_artifacts(pre.info.run_id)]
     assert train.data.params["model.width"] == "32" and train.data.params["demo.steps"] == "12"
     assert train.data.params["parallel.sp"] == "2"
     assert len(client.get_metric_history(train.info.run_id, "train/loss")) >= 2
