@@ -203,6 +203,7 @@ def train_args(paths: DemoPaths, settings: DemoSettings, *, num_gpus: int, port:
         "parallel.sp": sp, "data.global_batch_size": settings.batch, "data.micro_batch_size": settings.batch // dp,
         "data.seed": settings.seed, "optim.lr": settings.lr, "optim.warmup_steps": settings.warmup,
         "optim.decay": settings.lr_decay, "flow.caption_dropout": settings.caption_dropout,
+        "flow.logit_mean": settings.logit_mean,
         "train.steps": settings.steps, "train.seed": settings.seed, "train.ema_decay": settings.ema_decay,
         "train.checkpoint_every": settings.checkpoint_every, "train.keep_checkpoints": 1,
         "train.log_every": max(1, min(50, settings.steps // 10)),

@@ -60,6 +60,9 @@ class DemoSettings:
     """EMA decay of the weights that are sampled."""
     caption_dropout: float = 0.1
     """Probability of training on the null caption (for classifier-free guidance)."""
+    logit_mean: float = 0.0
+    """Mean of the logit-normal training timesteps; > 0 trains more at high noise, where the caption decides
+    the direction of motion (pipeline/demo/recipe.py: 0.5 learns direction a few hundred steps sooner)."""
     checkpoint_every: int = 500
     """Checkpoint interval in steps (an interrupted demo resumes from the newest)."""
     sample_steps: int = 20

@@ -50,7 +50,7 @@ def test_a_rerun_keeps_the_folder_and_other_settings_clear_it(tmp_path):
 @pytest.mark.parametrize("gpus,sp,micro", [(2, 2, 16), (4, 2, 8), (8, 2, 4), (1, 1, 16), (3, 1, 0)])
 def test_training_command_layout(tmp_path, gpus, sp, micro):
     paths = DemoPaths(tmp_path)
-    settings = DemoSettings()
+    settings = DemoSettings(logit_mean=0.5)  # not the demo recipe's default, so a dropped override fails
     if not micro:  # 3 data-parallel groups cannot share a batch of 16
         with pytest.raises(DemoError, match="does not split"):
             train_args(paths, settings, num_gpus=gpus, port=1234)
@@ -64,6 +64,7 @@ def test_training_command_layout(tmp_path, gpus, sp, micro):
     assert (layout.sp, layout.micro_batch_size, layout.global_batch_size) == (sp, micro, settings.batch)
     assert config.train.steps == settings.steps and config.optim.lr == settings.lr
     assert config.train.ema_decay == settings.ema_decay and config.flow.caption_dropout == settings.caption_dropout
+    assert config.flow.logit_mean == settings.logit_mean
 
 
 def test_report_says_where_everything_is(tmp_path):
