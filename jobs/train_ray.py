@@ -7,9 +7,11 @@
 
 Ray Train's TorchTrainer starts one worker per GPU and sets up the torch.distributed process group
 (NCCL on GPUs, gloo on CPUs) and RANK/LOCAL_RANK/WORLD_SIZE; DeepSpeed then initialises over that
-group. Everything after `--` goes to the trainer unchanged (`python jobs/train.py --help`). The
-output folder must be on storage every node sees: a resubmitted job with `--resume auto` continues
-from the newest complete checkpoint there.
+group. Everything after `--` goes to the trainer (`python jobs/train.py --help`). The output folder
+must be on storage every node sees. When a worker dies (a node lost, an out-of-memory kill), Ray Train
+restarts the whole group, up to `--max-failures` times, and the new group continues from the newest
+complete checkpoint in the output folder by itself: `--resume none` is checked once, here, and the
+workers then run with `--resume auto`. A resubmitted job with `--resume auto` continues the same way.
 """
 
 from __future__ import annotations
@@ -31,16 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="GPUs per worker (default: 1 when the cluster has GPUs, else 0)")
     parser.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per worker (default: 1)")
     parser.add_argument("--ray-address", default=None, help="Ray cluster (default: $RAY_ADDRESS or a local Ray)")
+    parser.add_argument("--max-failures", type=int, default=3,
+                        help="restarts of the worker group after a worker dies, each from the newest checkpoint "
+                        "(default: 3; -1: no limit, 0: fail at once)")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the trainer's arguments")
     return parser
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker: the trainer's own parse -> build -> run -> close."""
+    """Runs on every Ray Train worker (again after a restart): the trainer's parse -> build -> run -> close."""
     from pipeline.train.entry import build_parser as train_parser
-    from pipeline.train.entry import run
+    from pipeline.train.entry import resume_after_restart, run
 
-    code = run(train_parser().parse_args(config["train_args"]))
+    args = train_parser().parse_args(config["train_args"])
+    args.resume = resume_after_restart(args)
+    code = run(args)
     if code != 0:
         raise RuntimeError(f"the trainer exited with code {code} (its log above says why)")
 
@@ -48,13 +55,21 @@ def train_loop_per_worker(config: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # parse
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    if args.workers < 1:
-        print(f"jobs/train_ray.py: --workers {args.workers} must be at least 1", file=sys.stderr)
+    if args.workers < 1 or args.max_failures < -1:
+        print(f"jobs/train_ray.py: need --workers >= 1 and --max-failures >= -1, got {args.workers} and "
+              f"{args.max_failures}", file=sys.stderr)
         return 2
-    train_parser_check(train_args)
+    from pipeline.config import ConfigError
+    from pipeline.train.entry import checked_resume_args
+
+    try:  # fail here, before any worker starts, when the trainer's arguments are wrong
+        train_args = checked_resume_args(train_args)
+    except ConfigError as err:
+        print(f"jobs/train_ray.py: error: {err}", file=sys.stderr)
+        return 2
 
     import ray  # build
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ray.init(address=args.ray_address, ignore_reinit_error=True)
@@ -67,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         train_loop_config={"train_args": train_args},
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=bool(gpus), resources_per_worker=resources),
-        run_config=RunConfig(name="pomvid-train", storage_path=_storage_path(train_args)),
+        run_config=RunConfig(name="pomvid-train", storage_path=_storage_path(train_args),
+                             failure_config=FailureConfig(max_failures=args.max_failures)),
     )
     try:  # run
         result = trainer.fit()
@@ -79,19 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if result.error is None else 1
 
 
-def train_parser_check(train_args: list[str]) -> None:
-    """Fail on the submitting side, before any worker starts, when the trainer's arguments are wrong."""
-    from pipeline.train.entry import build_parser as train_parser
-
-    train_parser().parse_args(train_args)
-
-
 def _storage_path(train_args: list[str]) -> str:
     # Ray Train keeps its own bookkeeping next to our run folder, which every node can see.
     known = argparse.ArgumentParser(add_help=False)
     known.add_argument("--output-dir", default="outputs/train")
     out = known.parse_known_args(train_args)[0].output_dir
-    return str((Path(out).resolve() / "ray_train"))
+    return str(Path(out).resolve() / "ray_train")
 
 
 if __name__ == "__main__":
