@@ -14,20 +14,27 @@ after its forward and before its backward, while the test acts:
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow import MlflowClient
 
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.faults import PAUSE_ENV
-from tests.deepspeed_launch import ROOT, common_args, cpu_env, launch, output_of, read_steps, start_launch
+from tests.deepspeed_launch import (
+    ROOT,
+    common_args,
+    cpu_env,
+    kill_rank,
+    launch,
+    output_of,
+    read_steps,
+    start_launch,
+    stop_launch,
+)
 from tests.integration import train_runs
 
 pytestmark = pytest.mark.slow
@@ -117,15 +124,9 @@ def test_rank_killed_mid_step_then_resume_auto(mlflow_server, tmp_path, name, se
     proc = start_launch(args, env=cpu_env(**{PAUSE_ENV: f"{victim}:5:{faults}"}), log=log)
     try:
         pid = _wait_paused(faults, 5, proc, log)
-        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                 if f"--local_rank={victim}" in " ".join(p.cmdline())]
-        assert [p.pid for p in ranks] == [pid], "the paused process is not the launcher's rank process"
-        os.kill(pid, signal.SIGKILL)  # inside step 5: after its forward, before its backward
-        code = proc.wait(timeout=180)
+        code = kill_rank(proc, victim, expect_pid=pid)  # inside step 5: after its forward, before its backward
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_launch(proc)
     assert code != 0, "the launcher reported success although a rank was killed"
     root = out / "checkpoints"
     assert ckpt.find_latest(root) == root / "step_00000003" and not (root / "step_00000006").exists()
