@@ -35,6 +35,7 @@ from pipeline.tracking.uri import (
 
 logger = logging.getLogger("pipeline.tracking")
 DEFAULT_EXPERIMENT = "pomvid"
+SPOOL_LOCK_WAIT_S = 30.0  # how long a resumed run waits for a dying predecessor to release the spool
 
 
 def rank_from_env() -> int:
@@ -218,15 +219,21 @@ def _open_spool(output_dir: str | os.PathLike | None, run_id: str, uri: str, exp
     temporary = output_dir is None or "://" in str(output_dir)
     root = Path(tempfile.mkdtemp(prefix="pomvid-mlflow-spool-")) if temporary else spool_root(output_dir)
     folder = root / run_id
-    try:
-        spool = Spool.open(folder, run={"run_id": run_id, "tracking_uri": uri, "experiment_id": experiment_id})
-    except SpoolBusyError as err:
-        raise TrackingError(
-            f"MLflow run {run_id} is being logged by another live process ({err}); two jobs cannot write "
-            "one run: stop the other one, or start this one with another --output-dir"
-        ) from err
-    except OSError as err:
-        raise TrackingError(f"cannot create the MLflow spool {folder}: {err}") from err
+    deadline = time.monotonic() + SPOOL_LOCK_WAIT_S
+    while True:
+        try:
+            spool = Spool.open(folder, run={"run_id": run_id, "tracking_uri": uri, "experiment_id": experiment_id})
+            break
+        except SpoolBusyError as err:
+            if time.monotonic() < deadline:  # a killed predecessor (Ray Train restart) may still be exiting
+                time.sleep(0.5)
+                continue
+            raise TrackingError(
+                f"MLflow run {run_id} is being logged by another live process ({err}); two jobs cannot write "
+                "one run: stop the other one, or start this one with another --output-dir"
+            ) from err
+        except OSError as err:
+            raise TrackingError(f"cannot create the MLflow spool {folder}: {err}") from err
     return spool, temporary
 
 

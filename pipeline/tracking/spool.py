@@ -142,8 +142,10 @@ class Spool:
             raise SpoolBusyError(f"{folder} is in use by a live process (pid {holder})") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        if run is not None and not (folder / RUN_FILE).is_file():
-            _write_json(folder / RUN_FILE, {**run, "version": 1}, fsync=True)
+        if run is not None:  # new, or resumed through another URI of the same store: sync goes there
+            known = json.loads((folder / RUN_FILE).read_text()) if (folder / RUN_FILE).is_file() else None
+            if known is None or known.get("tracking_uri") != run.get("tracking_uri"):
+                _write_json(folder / RUN_FILE, {**(known or {}), **run, "version": 1}, fsync=True)
         try:
             return cls(folder, fd, segment_bytes=segment_bytes, fsync_interval_s=fsync_interval_s)
         except BaseException:

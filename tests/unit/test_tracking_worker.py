@@ -274,3 +274,15 @@ def test_tracker_end_status_and_checkpoint_upload(tmp_path):
     assert client.statuses == ["FAILED"]
     with pytest.raises(ValueError, match="status"):
         make_tracker(FakeClient(), tmp_path / "other").end("DONE")
+
+
+def test_runs_sync_explains_a_folder_without_spool_and_leaves_a_live_run_alone(tmp_path, capsys):
+    from pipeline.cli import main as pomvid
+
+    assert pomvid(["runs", "sync", str(tmp_path)]) == 2
+    assert "no MLflow spool in" in capsys.readouterr().err
+    live = Spool.open(tmp_path / "mlflow_spool" / "r1", run=RUN)  # a run still going holds its spool
+    live.append(metrics_record(0))
+    assert pomvid(["runs", "sync", str(tmp_path)]) == 1
+    assert "in use by a live process" in capsys.readouterr().err
+    live.close()
