@@ -59,7 +59,7 @@ class Position:
 
 
 def encode(record: dict[str, Any]) -> bytes:
-    body = json.dumps(record, separators=(",", ":"), sort_keys=True)
+    body = json.dumps(record, separators=(",", ":"))
     return f"{zlib.crc32(body.encode()):08x} {body}\n".encode()
 
 
