@@ -77,6 +77,27 @@ if [[ -n "$gpus_per_node" ]] && ! positive "$gpus_per_node"; then
   die "--gpus-per-node $gpus_per_node must be a whole number >= 1"
 fi
 
+if [[ "$no_ssh" == 1 ]]; then  # every mistake is reported before anything starts
+  [[ -n "$num_nodes" ]] || die "--no-ssh needs --num-nodes M (the same on every node)"
+  [[ -n "$node_rank" ]] || die "--no-ssh needs --node-rank N (0 on the node that runs rank 0)"
+  if ! [[ "$node_rank" =~ ^[0-9]+$ ]] || [[ "$node_rank" -ge "$num_nodes" ]]; then
+    die "--node-rank $node_rank must be a whole number from 0 to $((num_nodes - 1)) (--num-nodes $num_nodes)"
+  fi
+  [[ -n "$master_addr" ]] || die "--no-ssh needs --master-addr HOST: the address of node 0 as every node sees it"
+elif [[ -n "$node_rank" ]]; then
+  die "--node-rank is for --no-ssh (one launcher per node); from the first node DeepSpeed numbers the nodes itself"
+fi
+if [[ -z "$hostfile" && "$no_ssh" == 0 ]]; then
+  echo "multi_node.sh: --hostfile FILE is required (see infra/deepspeed/hostfile.example)," \
+    "or --no-ssh to start one launcher per node" >&2
+  usage >&2
+  exit 2
+fi
+if [[ -n "$hostfile" ]]; then
+  [[ -f "$hostfile" ]] || die "hostfile $hostfile not found"
+  hostfile="$(cd "$(dirname "$hostfile")" && pwd)/$(basename "$hostfile")"  # before the cd below
+fi
+
 cd "$(dirname "$0")/../.."
 python="${PYTHON:-python}"
 deepspeed="${DEEPSPEED:-deepspeed}"
@@ -86,12 +107,6 @@ if [[ "$visible" == "0" ]]; then
 fi
 
 if [[ "$no_ssh" == 1 ]]; then
-  [[ -n "$num_nodes" ]] || die "--no-ssh needs --num-nodes M (the same on every node)"
-  [[ -n "$node_rank" ]] || die "--no-ssh needs --node-rank N (0 on the node that runs rank 0)"
-  if ! [[ "$node_rank" =~ ^[0-9]+$ ]] || [[ "$node_rank" -ge "$num_nodes" ]]; then
-    die "--node-rank $node_rank must be a whole number from 0 to $((num_nodes - 1)) (--num-nodes $num_nodes)"
-  fi
-  [[ -n "$master_addr" ]] || die "--no-ssh needs --master-addr HOST: the address of node 0 as every node sees it"
   if [[ -z "$hostfile" ]]; then
     # DeepSpeed counts ranks from a hostfile even without SSH: M nodes with the same number of processes.
     # Named by its content and written atomically, so launchers on one machine share it and none deletes it.
@@ -107,10 +122,6 @@ if [[ "$no_ssh" == 1 ]]; then
   launcher_args+=(--no_ssh --node_rank "$node_rank")
 fi
 
-[[ -n "$hostfile" ]] || { echo "multi_node.sh: --hostfile FILE is required (see infra/deepspeed/hostfile.example)," \
-  "or --no-ssh to start one launcher per node" >&2; usage >&2; exit 2; }
-[[ -f "$hostfile" ]] || die "hostfile $hostfile not found"
-hostfile="$(cd "$(dirname "$hostfile")" && pwd)/$(basename "$hostfile")"
 [[ -z "$num_nodes" ]] || launcher_args+=(--num_nodes "$num_nodes")
 [[ -z "$gpus_per_node" ]] || launcher_args+=(--num_gpus "$gpus_per_node")
 [[ -z "$master_addr" ]] || launcher_args+=(--master_addr "$master_addr")
