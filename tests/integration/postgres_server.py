@@ -59,7 +59,7 @@ class PostgresServer:
         self.root = Path(tempfile.mkdtemp(prefix="pomvid-postgres-"))
         self.data = self.root / "data"
         self._server = ServerProcess("postgres", self.root / "server.log")
-        self._as_user = pwd.getpwnam(UNPRIVILEGED_USER) if os.geteuid() == 0 else None
+        self._as_user = self._unprivileged_user() if os.geteuid() == 0 else None
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -161,6 +161,15 @@ class PostgresServer:
         for folder in (self.root, *local.parents[:3]):
             folder.chmod(0o755)
         return local / "bin"
+
+    @staticmethod
+    def _unprivileged_user() -> pwd.struct_passwd:
+        try:
+            return pwd.getpwnam(UNPRIVILEGED_USER)
+        except KeyError:
+            raise RuntimeError(f"PostgreSQL refuses to run as root and this machine has no user "
+                               f"{UNPRIVILEGED_USER!r} to run it as: create one (useradd -r {UNPRIVILEGED_USER}) "
+                               "or run the tests as a normal user") from None
 
     def _own(self, *paths: Path) -> None:
         if self._as_user is not None:

@@ -22,10 +22,9 @@ import os
 import secrets
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
-from tests.integration.server_process import ServerProcess, free_port
+from tests.integration.server_process import ServerProcess, free_port, http_ok
 
 REGION = "us-east-1"
 
@@ -81,11 +80,7 @@ class S3Server:
         return self._server.log_path
 
     def _answers(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.endpoint_url}/moto-api/", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        return http_ok(f"{self.endpoint_url}/moto-api/")
 
     # ---- client helpers ------------------------------------------------------------------------
 

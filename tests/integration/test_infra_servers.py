@@ -13,7 +13,6 @@ import re
 import secrets
 import shlex
 import sys
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -25,7 +24,7 @@ from pipeline.cli import main as pomvid
 from pipeline.media import read_video
 from tests.deepspeed_launch import common_args, cpu_env, output_of, read_steps, train_cli
 from tests.integration import train_runs
-from tests.integration.server_process import ServerProcess, free_port
+from tests.integration.server_process import ServerProcess, free_port, http_ok
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,11 +110,7 @@ class ComposeMlflow:
         return self
 
     def _healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        return http_ok(f"{self.uri}/health")
 
     def get_as(self, host_header: str, path: str = "/api/2.0/mlflow/experiments/search?max_results=1") -> int:
         """Status of a GET sent to this server with `host_header` as the Host (the name a client used)."""

@@ -146,9 +146,14 @@ def commands(*, top_readme: bool = True, include_yaml_args: bool = False) -> lis
 
 def launch_multi_node(command: list[str], tmp_path: Path, extra_env: dict | None = None) -> list[str]:
     """Run jobs/launch/multi_node.sh (or a shell line starting it) with `deepspeed` replaced by echo;
-    returns the arguments the real launcher would get. Generated hostfiles land in tmp_path."""
+    returns the arguments the real launcher would get. Generated hostfiles land in tmp_path. The
+    script's GPU count comes from a stand-in python that answers 0 (no torch import per call): these
+    checks are about arguments; tests/integration/test_launch_no_ssh.py runs the script for real."""
+    no_gpu = tmp_path / "python-without-gpus"
+    no_gpu.write_text("#!/bin/sh\necho 0\n")
+    no_gpu.chmod(0o755)
     env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", "DEEPSPEED": "echo",
-           "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT), **(extra_env or {})}
+           "PYTHON": str(no_gpu), "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT), **(extra_env or {})}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, f"{command}: exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     return shlex.split(result.stdout.strip().splitlines()[-1])
