@@ -41,7 +41,7 @@ COMPOSE = INFRA / "mlflow" / "docker-compose.yaml"
 EXERCISED_BY = {
     "README.md": ["test_readme_commands_parse_and_store_data_in_object_storage"],
     "docker/Dockerfile": ["test_dockerfile_copy_steps_build_the_project", "test_dockerfile_installs_the_way_the_readme_does"],
-    "docker/README.md": ["test_every_job_script_named_exists_and_answers_help"],
+    "docker/README.md": ["test_readme_commands_parse_and_store_data_in_object_storage"],
     "ray/cluster.yaml": ["test_ray_up_config", "test_readme_commands_parse_and_store_data_in_object_storage"],
     "ray/README.md": ["test_readme_commands_parse_and_store_data_in_object_storage"],
     "k8s/raycluster.yaml": ["test_kubernetes_objects_validate_offline", "test_kuberay_fields_the_code_relies_on"],
@@ -51,7 +51,8 @@ EXERCISED_BY = {
     "k8s/README.md": ["test_readme_commands_parse_and_store_data_in_object_storage"],
     "mlflow/docker-compose.yaml": ["test_compose_mlflow_server_runs_on_postgres_and_s3", "test_local_servers_bind_to_loopback"],
     "mlflow/k8s.yaml": ["test_kubernetes_objects_validate_offline", "test_mlflow_k8s_runs_the_compose_command"],
-    "mlflow/README.md": ["test_every_pomvid_command_named_answers_help"],
+    "mlflow/README.md": ["test_readme_commands_parse_and_store_data_in_object_storage",
+                         "test_every_pomvid_command_named_answers_help"],
     "deepspeed/hostfile.example": ["test_hostfile_example_drives_the_multi_node_script"],
     "deepspeed/README.md": ["test_readme_commands_parse_and_store_data_in_object_storage"],
 }
@@ -280,6 +281,7 @@ def test_readme_commands_parse_and_store_data_in_object_storage(tmp_path):
         for word in words:
             if word.startswith("infra/") and "*" not in word:
                 assert (ROOT / word).exists(), f"{where}: names {word}, which does not exist"
+                seen.add((where, "infra path"))
         if words[:3] == ["pomvid", "submit", "precompute"]:
             args = parse_precompute(words[words.index("--") + 1:])
             assert args.manifest.startswith("s3://") and args.output.startswith("s3://"), f"{path}: {line}"
@@ -296,8 +298,12 @@ def test_readme_commands_parse_and_store_data_in_object_storage(tmp_path):
     for expected in [("README.md", "precompute"), ("README.md", "train"), ("README.md", "multi_node"),
                      ("infra/ray/cluster.yaml", "precompute"), ("infra/ray/cluster.yaml", "train"),
                      ("infra/ray/README.md", "train"), ("infra/k8s/README.md", "precompute"),
-                     ("infra/deepspeed/README.md", "multi_node")]:
+                     ("infra/deepspeed/README.md", "multi_node"),
+                     *[(str(p.relative_to(ROOT)), "infra path") for p in INFRA.glob("*/README.md")]]:
         assert expected in seen, f"no {expected[1]} command found in {expected[0]}: {seen}"
+    # infra/README.md's table lists exactly the folders there are.
+    listed = re.findall(r"^\| `(\w+)/` \|", (INFRA / "README.md").read_text(), re.M)
+    assert sorted(listed) == sorted(p.name for p in INFRA.iterdir() if p.is_dir()), listed
 
 
 def test_hostfile_example_drives_the_multi_node_script(tmp_path):
@@ -366,6 +372,9 @@ def test_dockerfile_copy_steps_build_the_project(tmp_path):
     junk = [f for f in context if f.split("/")[0] in {".venv", "venv", ".git", "outputs", "runs"} or
             "__pycache__" in f or f.endswith((".pyc", ".mp4", ".pt", ".db"))]
     assert not junk, f".dockerignore lets these into the image: {junk[:10]}"
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    missing = [f for f in tracked if (ROOT / f).is_file() and f not in context]
+    assert not missing, f".dockerignore leaves out files of the repository: {missing[:10]}"
     image = tmp_path / "image"
     for op, args in dockerfile_steps():
         if op == "COPY":
