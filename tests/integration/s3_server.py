@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -37,6 +38,7 @@ class S3Server:
 
     def __init__(self, *, port: int | None = None, log_dir: Path | None = None):
         self.port = port or free_port()
+        self._own_log_dir = log_dir is None  # a folder of our own is removed by stop()
         log_dir = Path(log_dir or tempfile.mkdtemp(prefix="pomvid-s3-"))
         self._server = ServerProcess("moto_server", log_dir / "moto_server.log")
 
@@ -67,6 +69,8 @@ class S3Server:
 
     def stop(self) -> None:
         self._server.stop()
+        if self._own_log_dir:
+            shutil.rmtree(self._server.log_path.parent, ignore_errors=True)
 
     def kill(self) -> None:
         self._server.kill()
