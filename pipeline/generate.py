@@ -201,8 +201,8 @@ class VideoGenerator:
 
     @classmethod
     def load(cls, checkpoint: str | Path, *, device: str | torch.device | None = None) -> VideoGenerator:
-        from pipeline.data.text import text_encoder_from_fingerprint
-        from pipeline.data.vae import vae_from_fingerprint
+        from pipeline.data.encode.text_factory import text_encoder_from_fingerprint
+        from pipeline.data.encode.vae_factory import vae_from_fingerprint
         from pipeline.models.configs import DiTConfig
         from pipeline.models.dit import PoMDiT
 
