@@ -82,9 +82,11 @@ class ClipScorer:
                                  "image_size": list(self.image_size), "source": self.source}
         return self._fingerprint
 
-    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) in [-1, 1] -> (N, 3, h, w) normalised model input (shortest side resized, centre crop)."""
-        x = (quantize(frames.float()) + 1) / 2  # (N, 3, H, W) in [0, 1]
+    def preprocess(self, frames: torch.Tensor, *, to_8bit: bool = True) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> (N, 3, h, w) normalised model input (shortest side resized, centre crop).
+
+        to_8bit=False skips the rounding to 8-bit levels (differentiable, for building test inputs)."""
+        x = ((quantize(frames.float()) if to_8bit else frames.float()) + 1) / 2  # (N, 3, H, W) in [0, 1]
         height, width = x.shape[-2:]
         out_h, out_w = self.image_size
         scale = max(out_h / height, out_w / width)

@@ -44,12 +44,16 @@ class _World:
 
         self.dist = dist
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from pipeline.train.distributed import init_distributed
-
-            info = init_distributed()
-            self.rank, self.size, self.device = info.rank, info.world_size, info.device
-            if device == "cpu":
-                self.device = torch.device("cpu")
+            # Plain torch.distributed from the launcher's environment (deepspeed, torchrun, Ray Train):
+            # evaluation needs three collectives, not DeepSpeed's engine, whose import costs seconds per rank.
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+            if cuda:
+                torch.cuda.set_device(local_rank)
+            if not dist.is_initialized():  # Ray Train has made the group already
+                dist.init_process_group("nccl" if cuda else "gloo")
+            self.rank, self.size = dist.get_rank(), dist.get_world_size()
+            self.device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
         else:
             self.rank, self.size = 0, 1
             self.device = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
