@@ -6,12 +6,15 @@
 - `random_i3d(path)`: the Kinetics-400 InceptionI3d with He-initialised random weights saved to a file
   (PyTorch's default init makes its logits nearly constant, so every FVD would be ~1e-12).
 - `real_clips(folder)`: MP4s made with ffmpeg (tests/videos.py), 16x16 at 8 fps.
+- `one_thread()`: torch on one intra-op thread while a test module runs. On a shared 2-core machine
+  the I3D convolutions ran 10x slower with 2 spinning OpenMP threads than with one (measured at load 20).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,7 +23,17 @@ from pipeline.train import checkpoint as ckpt
 from tests.unit.test_generate import FRAMES, PROMPTS, SIZE, make_run
 from tests.videos import make_video
 
-__all__ = ["FRAMES", "PROMPTS", "SIZE", "random_i3d", "real_clips", "tracked_run"]
+__all__ = ["FRAMES", "PROMPTS", "SIZE", "one_thread", "random_i3d", "real_clips", "tracked_run"]
+
+
+@contextmanager
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def tracked_run(root: Path, clip: Path, *, experiment: str = "eval-tests", steps: int = 5, loss0: float = 1.0,

@@ -23,6 +23,14 @@ pytestmark = pytest.mark.slow
 NUM_VIDEOS = 4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    from tests.eval_helpers import one_thread
+
+    with one_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, mlflow_db_template):
     from pipeline.data.text_clip import make_tiny_clip

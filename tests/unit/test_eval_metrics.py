@@ -13,6 +13,14 @@ from pipeline.eval.protocol import EvalProtocol, describe_seeds, summary_of
 from tests.eval_helpers import random_i3d
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    from tests.eval_helpers import one_thread
+
+    with one_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
 def i3d(tmp_path_factory):
     return load_i3d(random_i3d(tmp_path_factory.mktemp("i3d") / "i3d.safetensors"))
