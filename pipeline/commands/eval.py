@@ -13,8 +13,6 @@ protocol: docs/eval.md.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,41 +22,25 @@ JOBS_EVAL = Path(__file__).resolve().parents[2] / "jobs" / "eval.py"
 
 def register(subparsers) -> None:
     from pipeline.eval.entry import add_eval_args
+    from pipeline.launch import add_launcher_args
 
     parser = subparsers.add_parser("eval", help="generate videos and score them: CLIP score and FVD",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_args(parser)
-    launcher = parser.add_argument_group("launcher (several processes: runs `deepspeed ... jobs/eval.py`)")
-    launcher.add_argument("--num_gpus", "--num-gpus", dest="num_gpus", type=int, default=None,
-                          help="processes (GPUs) per node; on a CPU-only machine, CPU processes")
-    launcher.add_argument("--num_nodes", "--num-nodes", dest="num_nodes", type=int, default=None,
-                          help="nodes to use from the hostfile")
-    launcher.add_argument("--hostfile", default=None, help="DeepSpeed hostfile")
-    launcher.add_argument("--master_port", "--master-port", dest="master_port", type=int, default=None,
-                          help="rendezvous port of rank 0 (default: DeepSpeed's 29500)")
+    add_launcher_args(parser, "jobs/eval.py")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.eval.entry import forwarded_args
     from pipeline.eval.entry import run as run_here
+    from pipeline.launch import deepspeed_command, launcher_env, launcher_error, several_processes
 
-    several = (args.num_gpus or 1) > 1 or (args.num_nodes or 1) > 1 or args.hostfile is not None
-    if not several:
-        return run_here(args)
-    if args.hostfile is not None and not Path(args.hostfile).is_file():
-        print(f"pomvid eval: error: --hostfile {args.hostfile}: no such file", file=sys.stderr)
+    error = launcher_error(args)
+    if error:
+        print(f"pomvid eval: error: {error}", file=sys.stderr)
         return 2
-    launcher = [shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")]
-    for flag, value in (("--num_gpus", args.num_gpus), ("--num_nodes", args.num_nodes),
-                        ("--hostfile", args.hostfile), ("--master_port", args.master_port)):
-        if value is not None:
-            launcher += [flag, str(value)]
-    script = [str(JOBS_EVAL)] if JOBS_EVAL.is_file() else ["--module", "pipeline.eval.entry"]
-    env = dict(os.environ)
-    import torch
-
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    return subprocess.call(launcher + script + forwarded_args(args), env=env)
-
+    if not several_processes(args):
+        return run_here(args)
+    command = deepspeed_command(args, JOBS_EVAL, "pipeline.eval.entry") + forwarded_args(args)
+    return subprocess.call(command, env=launcher_env())
