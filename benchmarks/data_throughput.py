@@ -31,9 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data.buckets import Bucket, BucketTable
-from pipeline.data.decode import crop_box, decode_clip, decode_clips, plan_clips, probe
-from pipeline.data.manifest import VideoRecord
+from pipeline.data.decode.buckets import Bucket, BucketTable
+from pipeline.data.decode.container import probe
+from pipeline.data.decode.frames import crop_box
+from pipeline.data.decode.video import decode_clip, decode_clips, plan_clips
+from pipeline.data.source.manifest import VideoRecord
 
 
 @dataclass(kw_only=True)
@@ -175,8 +177,8 @@ def format_table(rows: list[Row]) -> str:
 def end_to_end_config(folder: Path, paths: list[Path], *, repeats: int, bucket: Bucket, fps: float,
                       clips_per_video: int, vae: str, workers: int):
     """A manifest listing every source `repeats` times (distinct captions) and its PrecomputeConfig."""
-    from pipeline.data.precompute_config import PrecomputeConfig
-    from pipeline.data.text_clip import make_tiny_clip
+    from pipeline.data.encode.text_clip import make_tiny_clip
+    from pipeline.data.precompute.config import PrecomputeConfig
 
     manifest = folder / "manifest.csv"
     lines = ["video,caption"] + [f"{p.absolute()},source {i} copy {r}" for r in range(repeats)
@@ -199,9 +201,8 @@ def measure_loop(config) -> Row:
     before the clock starts)."""
     import shutil
 
-    from pipeline.data.manifest import load_records
-    from pipeline.data.precompute import build_output_manifest, describe_text, describe_vae
-    from pipeline.data.precompute_stages import (
+    from pipeline.data.precompute.run import build_output_manifest, describe_text, describe_vae
+    from pipeline.data.precompute.stages import (
         TextStage,
         VAEStage,
         decode_units,
@@ -209,6 +210,7 @@ def measure_loop(config) -> Row:
         unit_to_row,
         write_units,
     )
+    from pipeline.data.source.manifest import load_records
 
     shutil.rmtree(config.output, ignore_errors=True)
     records = load_records(config.manifest)
@@ -236,7 +238,7 @@ def measure_loop(config) -> Row:
 
 def measure_pipeline(config) -> Row:
     """run_precompute on a local Ray of config.ray_num_cpus CPUs; the rate once every actor is up."""
-    from pipeline.data.precompute import run_precompute
+    from pipeline.data.precompute.run import run_precompute
 
     summary = run_precompute(config)
     steady = summary["steady_clips_per_second"]
@@ -249,7 +251,7 @@ def measure_pipeline(config) -> Row:
 
 def measure_vae_alone(config, bucket: Bucket, *, batches: int = 30) -> Row:
     """The VAE by itself on the GPU: batches of vae_batch_size random clips already on the device."""
-    from pipeline.data.vae import build_vae
+    from pipeline.data.encode.vae_factory import build_vae
 
     vae = build_vae(config.vae, **config.vae_build_kwargs())
     video = torch.rand(config.vae_batch_size, 3, bucket.frames, bucket.height, bucket.width, device="cuda") * 2 - 1

@@ -235,8 +235,8 @@ class VideoGenerator:
     @classmethod
     def _build(cls, *, model, weights: dict, manifest: dict, manifest_path: Path, source: Path, step: int,
                mlflow_run_id: str | None, config_file: Path, weights_file: Path, device) -> VideoGenerator:
-        from pipeline.data.text import text_encoder_from_fingerprint
-        from pipeline.data.vae import vae_from_fingerprint
+        from pipeline.data.encode.text_factory import text_encoder_from_fingerprint
+        from pipeline.data.encode.vae_factory import vae_from_fingerprint
         from pipeline.models.configs import DiTConfig
         from pipeline.models.dit import PoMDiT
 

@@ -21,7 +21,7 @@ _JSON_FIELDS = ("vae_config", "text_encoder_config")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per PrecomputeConfig field (help = the field's docstring), plus --summary-json."""
-    from pipeline.data.precompute_config import PrecomputeConfig, field_docs
+    from pipeline.data.precompute.config import PrecomputeConfig, field_docs
 
     docs = field_docs()
     for field in dataclasses.fields(PrecomputeConfig):
@@ -61,7 +61,7 @@ def _json_arg(value: str | None, flag: str):
 
 def config_from_args(args: argparse.Namespace):
     """PrecomputeConfig from parsed flags (ValueError naming the field on bad values)."""
-    from pipeline.data.precompute_config import PrecomputeConfig
+    from pipeline.data.precompute.config import PrecomputeConfig
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(PrecomputeConfig)}
     for name in _JSON_FIELDS:
@@ -81,8 +81,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from pipeline.data.manifest import ManifestError
-    from pipeline.data.precompute import PrecomputeError, run_precompute
+    from pipeline.data.precompute.run import PrecomputeError, run_precompute
+    from pipeline.data.source.manifest import ManifestError
     from pipeline.tracking import TrackingError
 
     try:

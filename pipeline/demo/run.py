@@ -113,13 +113,13 @@ def make_data(paths: DemoPaths, settings: DemoSettings) -> Path:
         if folder.exists():
             shutil.rmtree(folder)
         if settings.text_encoder == "clip":
-            from pipeline.data.text_clip import make_tiny_clip
+            from pipeline.data.encode.text_clip import make_tiny_clip
 
             make_tiny_clip(folder, width=settings.text_dim, context_length=settings.text_len, seed=settings.seed)
         else:
             from transformers.utils import logging as hf_logging
 
-            from pipeline.data.text import make_tiny_t5
+            from pipeline.data.encode.text_t5 import make_tiny_t5
 
             hf_logging.disable_progress_bar()  # "Writing model shards" of a 100 kB model
             captions = [spec.caption for spec in specs_for_split(config, "train")]  # every word occurs there
@@ -151,8 +151,9 @@ def check_caption_length(settings: DemoSettings, folder: Path, captions: list[st
 
 def precompute(paths: DemoPaths, settings: DemoSettings, manifest: Path, *, say) -> dict:
     """Ray Data precompute into <out>/latents (resumes a partial output), tracked as its own MLflow run."""
-    from pipeline.data.precompute import PrecomputeConfig, format_summary, run_precompute
-    from pipeline.data.shards import read_output_manifest
+    from pipeline.data.precompute.config import PrecomputeConfig
+    from pipeline.data.precompute.run import format_summary, run_precompute
+    from pipeline.data.store.shards import read_output_manifest
     from pipeline.demo.progress import redirect_output
     from pipeline.tracking import log_precompute_summary, start_run
 

@@ -21,8 +21,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.fingerprint import check_source, hash_config, hash_state_dict, load_error
-from pipeline.data.text_clip import CLIP_CONFIG_FILE
+from pipeline.data.encode.fingerprint import check_source, hash_config, hash_state_dict, load_error
+from pipeline.data.encode.text_clip import CLIP_CONFIG_FILE
 
 
 def quantize(video: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.fingerprint import hash_state_dict
+from pipeline.data.encode.fingerprint import hash_state_dict
 from pipeline.eval.clip_score import quantize
 
 FEATURE_DIM = 400

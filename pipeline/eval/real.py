@@ -44,7 +44,7 @@ class RealClip:
 
 def list_real_clips(source: str | os.PathLike, num_real: int) -> tuple[list[RealClip], str]:
     """The first `num_real` clips of a folder of videos or a manifest, and the fingerprint of that choice."""
-    from pipeline.data.manifest import VIDEO_EXTENSIONS, ManifestError, read_manifest
+    from pipeline.data.source.manifest import VIDEO_EXTENSIONS, ManifestError, read_manifest
 
     root = Path(source).expanduser().resolve()
     if root.is_dir():
@@ -126,7 +126,7 @@ def save_stats(path: str | os.PathLike, stats: FeatureStats, fingerprint: dict, 
 
 def decode_real(clip: RealClip, *, frames: int, height: int, width: int, fps: float) -> torch.Tensor:
     """(3, T, H, W) float in [-1, 1]; DecodeError for a clip that cannot give it."""
-    from pipeline.data.decode import decode_clip
+    from pipeline.data.decode.video import decode_clip
 
     return torch.from_numpy(decode_clip(clip.path, frames=frames, height=height, width=width, fps=fps,
                                         start=clip.start))

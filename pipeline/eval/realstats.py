@@ -63,7 +63,7 @@ def real_statistics(config, world, i3d, *, frames: int, height: int, width: int,
 def _compute(config, world, i3d, clips, *, frames: int, height: int, width: int, fps: float):
     from tqdm import tqdm
 
-    from pipeline.data.decode import DecodeError
+    from pipeline.data.decode.container import DecodeError
 
     stats = FeatureStats.empty()
     failures = []

@@ -91,7 +91,7 @@ class _World:
 
 def load_prompts(source: str, count: int) -> list[str]:
     """Prompts of a text file, or the first `count` captions of a latent data set (folder or manifest.json)."""
-    from pipeline.data.shards import read_output_manifest, read_shard
+    from pipeline.data.store.shards import read_output_manifest, read_shard
     from pipeline.generate import SampleError, read_prompts
 
     path = Path(source).expanduser()

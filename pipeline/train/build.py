@@ -57,7 +57,7 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
     """A ready-to-train `Trainer` (every process calls this)."""
     import deepspeed
 
-    from pipeline.data.loader import LatentDataset, LatentLoader
+    from pipeline.data.load.loader import LatentDataset, LatentLoader
     from pipeline.models.dit import PoMDiT
     from pipeline.parallel.dims import ParallelDims
     from pipeline.parallel.parallelize import parallelize_pom_dit

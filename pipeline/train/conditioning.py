@@ -61,7 +61,7 @@ def _compute(config: RunConfig, dataset) -> dict:
     encoder = None
     if fingerprint:
         try:
-            from pipeline.data.text import text_encoder_from_fingerprint
+            from pipeline.data.encode.text_factory import text_encoder_from_fingerprint
 
             encoder = text_encoder_from_fingerprint(fingerprint)
         except Exception as err:  # noqa: BLE001 - any failure means: train on, without the encoder

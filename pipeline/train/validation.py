@@ -48,7 +48,7 @@ class Validator:
             fingerprint = self.manifest.get("vae")
             if fingerprint:
                 try:
-                    from pipeline.data.vae import vae_from_fingerprint
+                    from pipeline.data.encode.vae_factory import vae_from_fingerprint
 
                     self._vae = vae_from_fingerprint(fingerprint, device=self.device)
                 except Exception as err:  # noqa: BLE001 - validation must not stop training

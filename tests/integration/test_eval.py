@@ -33,7 +33,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, mlflow_db_template):
-    from pipeline.data.text_clip import make_tiny_clip
+    from pipeline.data.encode.text_clip import make_tiny_clip
     from tests.eval_helpers import PROMPTS, random_i3d, real_clips, tracked_run
 
     root = tmp_path_factory.mktemp("eval")

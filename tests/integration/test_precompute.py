@@ -21,14 +21,16 @@ import ray
 import torch
 
 from pipeline.cli import main as pomvid
-from pipeline.data.decode import decode_clip
-from pipeline.data.fingerprint import fingerprint_diff
-from pipeline.data.loader import LatentDataset, LatentLoader
-from pipeline.data.precompute import PrecomputeConfig, PrecomputeError, run_precompute
-from pipeline.data.shards import read_errors, read_output_manifest, read_samples, read_shard
-from pipeline.data.text import build_text_encoder, make_tiny_t5
-from pipeline.data.text_clip import make_tiny_clip
-from pipeline.data.vae import build_vae
+from pipeline.data.decode.video import decode_clip
+from pipeline.data.encode.fingerprint import fingerprint_diff
+from pipeline.data.encode.text_clip import make_tiny_clip
+from pipeline.data.encode.text_factory import build_text_encoder
+from pipeline.data.encode.text_t5 import make_tiny_t5
+from pipeline.data.encode.vae_factory import build_vae
+from pipeline.data.load.loader import LatentDataset, LatentLoader
+from pipeline.data.precompute.config import PrecomputeConfig
+from pipeline.data.precompute.run import PrecomputeError, run_precompute
+from pipeline.data.store.shards import read_errors, read_output_manifest, read_samples, read_shard
 from tests.integration.ray_cluster import start_cluster
 
 pytestmark = pytest.mark.slow

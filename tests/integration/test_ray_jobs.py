@@ -85,8 +85,8 @@ def test_training_job_on_two_ray_train_workers(ray_cluster, tmp_path):
 
 
 def test_precompute_job_submitted_with_ray_job_submit(ray_cluster, tmp_path):
-    from pipeline.data.shards import read_output_manifest
-    from pipeline.data.text_clip import make_tiny_clip
+    from pipeline.data.encode.text_clip import make_tiny_clip
+    from pipeline.data.store.shards import read_output_manifest
     from pipeline.demo.shapes import ShapesConfig, write_shapes_dataset
 
     manifest = write_shapes_dataset(tmp_path / "videos", ShapesConfig(frames=8, height=16, width=16), count=4)

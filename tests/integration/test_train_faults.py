@@ -19,7 +19,7 @@ import time
 import psutil
 import pytest
 
-from pipeline.data.loader import LatentDataset, LatentLoader
+from pipeline.data.load.loader import LatentDataset, LatentLoader
 from pipeline.train import checkpoint as ckpt
 from tests.deepspeed_launch import (
     common_args,

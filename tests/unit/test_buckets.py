@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from pipeline.data.buckets import (
+from pipeline.data.decode.buckets import (
     TIME_TOLERANCE,
     Assignment,
     Bucket,

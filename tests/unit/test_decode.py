@@ -11,20 +11,12 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline.data import decode_backends
-from pipeline.data.buckets import parse_buckets
-from pipeline.data.decode import (
-    REASONS,
-    DecodeError,
-    crop_box,
-    decode_clip,
-    decode_clips,
-    plan_clips,
-    probe,
-    select_frames,
-    target_times,
-)
-from pipeline.data.manifest import VideoRecord
+from pipeline.data.decode import readers
+from pipeline.data.decode.buckets import parse_buckets
+from pipeline.data.decode.container import REASONS, DecodeError, probe
+from pipeline.data.decode.frames import crop_box, select_frames, target_times
+from pipeline.data.decode.video import decode_clip, decode_clips, plan_clips
+from pipeline.data.source.manifest import VideoRecord
 from tests.videos import VFR_TIMESTAMPS, read_frame_index
 
 BACKENDS = ["decord", "pyav"]
@@ -196,12 +188,12 @@ def test_auto_falls_back_to_pyav(test_videos, monkeypatch):
     def broken(*args, **kwargs):
         raise DecodeError("corrupt", "decord says no")
 
-    monkeypatch.setattr(decode_backends, "decode_decord", broken)
+    monkeypatch.setattr(readers, "decode_decord", broken)
     path = test_videos.fps30.path
     assert indices(decode_clip(path, frames=3, height=16, width=16, fps=10)) == [0, 3, 6]
     with pytest.raises(DecodeError, match="decord says no"):
         decode_clip(path, frames=3, height=16, width=16, fps=10, backend="decord")
-    monkeypatch.setattr(decode_backends, "HAVE_DECORD", False)
+    monkeypatch.setattr(readers, "HAVE_DECORD", False)
     assert indices(decode_clip(path, frames=3, height=16, width=16, fps=10)) == [0, 3, 6]
     with pytest.raises(ValueError, match="decord is not installed"):
         decode_clip(path, frames=3, height=16, width=16, fps=10, backend="decord")
@@ -226,8 +218,8 @@ def test_several_clips_in_one_pass(test_videos, make_video, backend, name, start
 
 def test_pyav_seeks_only_past_a_keyframe(test_videos, make_video, monkeypatch):
     seeks = []
-    original = decode_backends._Reader.seek
-    monkeypatch.setattr(decode_backends._Reader, "seek", lambda self, t: (seeks.append(t), original(self, t)))
+    original = readers._Reader.seek
+    monkeypatch.setattr(readers._Reader, "seek", lambda self, t: (seeks.append(t), original(self, t)))
     kw = dict(frames=3, height=16, width=16, fps=10, backend="pyav")
     decode_clips(make_video("long_gop.mp4", num_frames=90, gop=300).path, starts=[0.0, 1.0, 2.0], **kw)
     assert seeks == []  # the one keyframe is behind: decoding on is all it takes

@@ -82,7 +82,7 @@ def test_report_says_where_everything_is(tmp_path):
 
 
 def test_captions_that_do_not_fit_the_text_length_are_refused(tmp_path):
-    from pipeline.data.text import make_tiny_t5
+    from pipeline.data.encode.text_t5 import make_tiny_t5
     from pipeline.demo.run import check_caption_length
 
     captions = held_out_captions(DemoSettings())

@@ -28,7 +28,7 @@ def i3d(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scorer(tmp_path_factory):
-    from pipeline.data.text_clip import make_tiny_clip
+    from pipeline.data.encode.text_clip import make_tiny_clip
 
     return ClipScorer.load(make_tiny_clip(tmp_path_factory.mktemp("clip") / "clip", width=16, context_length=8,
                                           seed=2))

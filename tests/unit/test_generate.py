@@ -17,8 +17,8 @@ import torch
 
 from pipeline.cli import main as pomvid
 from pipeline.config_overrides import config_to_dict
-from pipeline.data.text_clip import make_tiny_clip
-from pipeline.data.vae import PixelCodec
+from pipeline.data.encode.text_clip import make_tiny_clip
+from pipeline.data.encode.vae import PixelCodec
 from pipeline.generate import SampleError, SampleOptions, VideoGenerator, read_prompts, resolve_checkpoint
 from pipeline.media import read_video
 from pipeline.models.configs import DiTConfig
@@ -46,7 +46,7 @@ def make_run(root: Path, clip: Path, *, causal: bool = False, step: int = 5, in_
     with torch.no_grad():
         for p in model.parameters():  # zero-initialised layers would make every video the noise itself
             p.normal_(0, 0.2)
-    from pipeline.data.text import build_text_encoder
+    from pipeline.data.encode.text_factory import build_text_encoder
 
     text = build_text_encoder("clip", path=clip)
     vae = PixelCodec(spatial=2)

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from pipeline.data.loader import LatentDataset, LatentLoader
-from pipeline.data.shards import ShardError
+from pipeline.data.load.loader import LatentDataset, LatentLoader
+from pipeline.data.store.shards import ShardError
 from tests.latent_store import CHANNELS, TEXT_DIM, latent_shape, make_latent_output
 
 A, B = "5x16x16", "9x16x32"

@@ -11,7 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data.manifest import ManifestError, VideoRecord, load_records, read_manifest, read_video_folder
+from pipeline.data.source.manifest import (
+    ManifestError,
+    VideoRecord,
+    load_records,
+    read_manifest,
+    read_video_folder,
+)
 
 FORMATS = ["csv", "jsonl", "parquet"]
 

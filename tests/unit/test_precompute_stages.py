@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from pipeline.commands.precompute import add_arguments, config_from_args
-from pipeline.data.decode import decode_clip
-from pipeline.data.manifest import VideoRecord
-from pipeline.data.precompute import (
+from pipeline.data.decode.video import decode_clip
+from pipeline.data.encode.text_clip import make_tiny_clip
+from pipeline.data.encode.vae_factory import build_vae
+from pipeline.data.precompute.config import PrecomputeConfig
+from pipeline.data.precompute.run import (
     PrecomputeError,
     build_output_manifest,
     describe_text,
@@ -21,8 +23,7 @@ from pipeline.data.precompute import (
     prepare_output,
     steady_rate,
 )
-from pipeline.data.precompute_config import PrecomputeConfig
-from pipeline.data.precompute_stages import (
+from pipeline.data.precompute.stages import (
     TextStage,
     VAEStage,
     decode_units,
@@ -30,9 +31,8 @@ from pipeline.data.precompute_stages import (
     unit_to_row,
     write_units,
 )
-from pipeline.data.shards import read_errors, read_output_manifest, read_samples, shard_path
-from pipeline.data.text_clip import make_tiny_clip
-from pipeline.data.vae import build_vae
+from pipeline.data.source.manifest import VideoRecord
+from pipeline.data.store.shards import read_errors, read_output_manifest, read_samples, shard_path
 
 BUCKETS = "9x32x32,9x32x48,9x48x32"
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.data import shards as S
+from pipeline.data.store import shards as S
 from tests.latent_store import make_latent_output
 
 

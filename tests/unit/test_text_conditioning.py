@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.data.text_conditioning import (
+from pipeline.data.store.text_conditioning import (
     FILE_NAME,
     TextConditioning,
     TextConditioningError,

@@ -7,9 +7,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download; everything here 
 import pytest
 import torch
 
-from pipeline.data.fingerprint import fingerprint_diff
-from pipeline.data.text import build_text_encoder, make_tiny_t5, text_encoder_from_fingerprint
-from pipeline.data.text_clip import ClipTextEncoder, make_tiny_clip, tiny_clip_config
+from pipeline.data.encode.fingerprint import fingerprint_diff
+from pipeline.data.encode.text_clip import ClipTextEncoder, make_tiny_clip, tiny_clip_config
+from pipeline.data.encode.text_factory import build_text_encoder, text_encoder_from_fingerprint
+from pipeline.data.encode.text_t5 import make_tiny_t5
 
 CAPTIONS = [
     "a red square moves left", "a blue circle moves right", "the green triangle spins slowly",

@@ -150,8 +150,8 @@ class _Latents:
 def test_validation_captions_and_null_caption(tmp_path):
     from pipeline.config import get_recipe
     from pipeline.config_overrides import apply_overrides
-    from pipeline.data.text import build_text_encoder
-    from pipeline.data.text_clip import make_tiny_clip
+    from pipeline.data.encode.text_clip import make_tiny_clip
+    from pipeline.data.encode.text_factory import build_text_encoder
     from pipeline.train.conditioning import load_or_compute
 
     encoder = build_text_encoder("clip", path=make_tiny_clip(tmp_path / "clip", width=8, context_length=16))

@@ -7,8 +7,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download; everything here 
 import pytest
 import torch
 
-from pipeline.data.fingerprint import fingerprint_diff
-from pipeline.data.vae import PixelCodec, build_vae, vae_from_fingerprint
+from pipeline.data.encode.fingerprint import fingerprint_diff
+from pipeline.data.encode.vae import PixelCodec
+from pipeline.data.encode.vae_factory import build_vae, vae_from_fingerprint
 
 # The smallest configs that still run the real diffusers code paths (norm groups must divide 8).
 TINY_COG = {

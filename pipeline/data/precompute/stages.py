@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipeline.data.manifest import VideoRecord
-from pipeline.data.shards import (
+from pipeline.data.source.manifest import VideoRecord
+from pipeline.data.store.shards import (
     ShardRow,
     errors_path,
     shard_path,
@@ -78,8 +78,9 @@ def _objects(items: list) -> np.ndarray:
 
 def decode_units(batch: dict, *, buckets: str, fps: float, clips_per_video: int, backend: str) -> dict:
     """Probe, plan and decode every video of each unit; failures become error entries, never exceptions."""
-    from pipeline.data.buckets import parse_buckets
-    from pipeline.data.decode import DecodeError, decode_clips, plan_clips, probe
+    from pipeline.data.decode.buckets import parse_buckets
+    from pipeline.data.decode.container import DecodeError, probe
+    from pipeline.data.decode.video import decode_clips, plan_clips
 
     table = parse_buckets(buckets)
     order = {b.name: i for i, b in enumerate(table)}
@@ -127,7 +128,7 @@ def _set_threads(num_cpus: float) -> None:
 
 
 def _check_fingerprint(what: str, expected: dict, actual: dict) -> None:
-    from pipeline.data.fingerprint import fingerprint_diff
+    from pipeline.data.encode.fingerprint import fingerprint_diff
 
     diff = fingerprint_diff(expected, actual)
     if diff:
@@ -139,7 +140,7 @@ class VAEStage:
     """Ray actor: loads the VAE once, encodes each unit's clips in batches of one shape."""
 
     def __init__(self, *, kind: str, build_kwargs: dict, fingerprint: dict, batch_size: int, num_cpus: float):
-        from pipeline.data.vae import build_vae
+        from pipeline.data.encode.vae_factory import build_vae
 
         _set_threads(num_cpus)
         self.vae = build_vae(kind, **build_kwargs)
@@ -190,7 +191,7 @@ class TextStage:
     """Ray actor: loads the text encoder once, encodes each unit's distinct captions."""
 
     def __init__(self, *, kind: str, build_kwargs: dict, fingerprint: dict, batch_size: int, num_cpus: float):
-        from pipeline.data.text import build_text_encoder
+        from pipeline.data.encode.text_factory import build_text_encoder
 
         _set_threads(num_cpus)
         self.encoder = build_text_encoder(kind, **build_kwargs)

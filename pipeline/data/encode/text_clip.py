@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.data.fingerprint import (
+from pipeline.data.encode.fingerprint import (
     check_source,
     dtype_name,
     hash_config,
@@ -26,7 +26,7 @@ from pipeline.data.fingerprint import (
     load_error,
     parse_dtype,
 )
-from pipeline.data.text import TextEncoder
+from pipeline.data.encode.text import TextEncoder
 
 CLIP_CONFIG_FILE = "open_clip_config.json"
 CLIP_WEIGHTS_FILE = "open_clip_model.safetensors"

@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.data.fingerprint import NON_IDENTITY_FIELDS, fingerprint_diff
-from pipeline.data.precompute_config import PrecomputeConfig
-from pipeline.data.precompute_stages import (
+from pipeline.data.encode.fingerprint import NON_IDENTITY_FIELDS, fingerprint_diff
+from pipeline.data.precompute.config import PrecomputeConfig
+from pipeline.data.precompute.stages import (
     TextStage,
     VAEStage,
     decode_units,
@@ -30,7 +30,7 @@ from pipeline.data.precompute_stages import (
     unit_to_row,
     write_units,
 )
-from pipeline.data.shards import (
+from pipeline.data.store.shards import (
     ERRORS_DIR,
     MANIFEST_NAME,
     SHARDS_DIR,
@@ -104,8 +104,8 @@ def warn_if_cluster_too_small(config: PrecomputeConfig, cluster_cpus: float) -> 
 
 
 def describe_vae(kind: str, build_kwargs: dict, buckets: str) -> dict:
-    from pipeline.data.buckets import parse_buckets
-    from pipeline.data.vae import build_vae
+    from pipeline.data.decode.buckets import parse_buckets
+    from pipeline.data.encode.vae_factory import build_vae
 
     vae = build_vae(kind, **build_kwargs)
     shapes = {}
@@ -121,7 +121,7 @@ def describe_vae(kind: str, build_kwargs: dict, buckets: str) -> dict:
 
 
 def describe_text(kind: str, build_kwargs: dict) -> dict:
-    from pipeline.data.text import build_text_encoder
+    from pipeline.data.encode.text_factory import build_text_encoder
 
     encoder = build_text_encoder(kind, **build_kwargs)
     return {"fingerprint": encoder.fingerprint(), "dim": encoder.dim, "max_length": encoder.max_length}
@@ -278,7 +278,7 @@ def run_precompute(config: PrecomputeConfig) -> dict:
     """Run (or resume) a precomputation; prints and returns the summary (see `format_summary`)."""
     import ray
 
-    from pipeline.data.manifest import load_records
+    from pipeline.data.source.manifest import load_records
 
     start = time.time()
     records = load_records(config.manifest, video_column=config.video_column, caption_column=config.caption_column,

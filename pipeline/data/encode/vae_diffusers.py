@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLCogVideoX
 
-from pipeline.data.fingerprint import (
+from pipeline.data.encode.fingerprint import (
     check_source,
     dtype_name,
     hash_config,
@@ -21,7 +21,7 @@ from pipeline.data.fingerprint import (
     load_error,
     parse_dtype,
 )
-from pipeline.data.vae import VideoVAE, geometry_fields
+from pipeline.data.encode.vae import VideoVAE, geometry_fields
 
 
 class _DiffusersVAE(VideoVAE):

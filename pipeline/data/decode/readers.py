@@ -6,21 +6,20 @@ return one uint8 (T, 3, H, W) tensor per clip, or raise DecodeError. Several cli
 share one pass over it: decord reads the union of their frames with get_batch; PyAV decodes
 forward and seeks only when a clip starts after a keyframe it has not reached yet.
 """
-
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from pipeline.data.buckets import TIME_TOLERANCE
-from pipeline.data.decode import (
+from pipeline.data.decode.buckets import TIME_TOLERANCE
+from pipeline.data.decode.container import (
     DecodeError,
-    _frame_period,
-    claimed_duration,
-    probe,
-    resize_crop,
-    select_frames,
+    damaged_error,
+    first_line,
+    frame_period,
+    shortfall_error,
 )
+from pipeline.data.decode.frames import resize_crop, select_frames
 
 try:
     import decord
@@ -31,36 +30,6 @@ except ImportError:  # decord has no wheels for some platforms (e.g. aarch64): P
     HAVE_DECORD = False
 
 _DECORD_CHUNK = 8  # full-size frames held at once (a 4K RGB frame is 25 MB)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:300] if text else type(error).__name__
-
-
-def _damaged(path: str, what: str, error: BaseException) -> DecodeError:
-    """"truncated" when the file holds less than its header claims (walks its packets: only on
-    this failure path), else "corrupt"."""
-    try:
-        info = probe(path)
-        if info.truncated:
-            return DecodeError("truncated", f"{path}: the file is cut off ({info.duration:.3f} s of the "
-                                            f"{info.claimed_duration:.3f} s its header claims); {what} "
-                                            f"({_first_line(error)})")
-    except DecodeError as e:
-        if e.reason == "truncated":
-            return e
-    return DecodeError("corrupt", f"{path}: {what} ({_first_line(error)})")
-
-
-def _shortfall(path: str, container, stream, have_end: float, targets: np.ndarray) -> DecodeError:
-    """The error for a stream that ends (after have_end seconds) before the clip's last time."""
-    claimed = claimed_duration(container, stream)
-    need = f"the clip needs a frame at t = {targets[-1]:.3f} s (start {targets[0]:.3f} s)"
-    if claimed is not None and claimed > have_end + max(TIME_TOLERANCE, 1.5 * _frame_period(stream)):
-        return DecodeError("truncated", f"{path}: only {have_end:.3f} s of the {claimed:.3f} s the "
-                                        f"header claims can be decoded; {need}")
-    return DecodeError("too_short", f"{path}: the video lasts {have_end:.3f} s; {need}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +59,7 @@ def _decode_decord(path, container, stream, clips, height, width, threads, size)
     try:
         reader = decord.VideoReader(path, ctx=decord.cpu(0), width=size[0], height=size[1], num_threads=threads)
     except Exception as e:
-        raise _damaged(path, "decord cannot open it", e) from None
+        raise damaged_error(path, "decord cannot open it", e) from None
     try:
         n = len(reader)
         if n == 0:
@@ -102,7 +71,7 @@ def _decode_decord(path, container, stream, clips, height, width, threads, size)
         end = float(times[-1, 1] - times[0, 0])
         last = max(clips, key=lambda t: t[-1])
         if last[-1] > end - TIME_TOLERANCE:
-            raise _shortfall(path, container, stream, end, last)
+            raise shortfall_error(path, container, stream, end, last)
         index = select_frames(starts, np.concatenate(clips))
         unique, inverse = np.unique(index, return_inverse=True)
         chunks = []
@@ -114,7 +83,7 @@ def _decode_decord(path, container, stream, clips, height, width, threads, size)
     except Exception as e:  # decord raises its own DECORDError / RuntimeError on bad data
         if "DECORDArrayCopyFromTo" in str(e):
             raise _SizeQuirk from None
-        raise DecodeError("corrupt", f"{path}: decord failed reading frames ({_first_line(e)})") from None
+        raise DecodeError("corrupt", f"{path}: decord failed reading frames ({first_line(e)})") from None
     finally:
         del reader
     frames = torch.cat(chunks)[torch.from_numpy(inverse.reshape(-1))]  # (sum T, 3, H, W)
@@ -134,7 +103,7 @@ class _Reader:
 
     def __init__(self, path: str, container, stream, height: int, width: int):
         self.path, self.container, self.stream, self.height, self.width = path, container, stream, height, width
-        self.tb, self.origin, self.period = float(stream.time_base), stream.start_time or 0, _frame_period(stream)
+        self.tb, self.origin, self.period = float(stream.time_base), stream.start_time or 0, frame_period(stream)
         self.keyframes: np.ndarray | None = None  # seconds; read when a second clip needs them
         self.started = False
         self.broken: Exception | None = None  # the error that ended the stream early, if any
@@ -230,7 +199,7 @@ class _Reader:
         if len(picks) < len(targets):
             if self.broken is not None:
                 raise self.broken  # decode_pyav tells cut off from damaged
-            raise _shortfall(self.path, self.container, self.stream, end, targets)
+            raise shortfall_error(self.path, self.container, self.stream, end, targets)
         return torch.stack(picks)
 
 
@@ -257,4 +226,4 @@ def decode_pyav(path: str, container, stream, clips: list[np.ndarray], height: i
     except DecodeError:
         raise
     except Exception as e:  # a demuxer or decoder error: a damaged file or a cut-off one
-        raise _damaged(path, "decoding failed", e) from None
+        raise damaged_error(path, "decoding failed", e) from None

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.data.shards import ShardError, bytes_to_tensor, read_output_manifest
+from pipeline.data.store.shards import ShardError, bytes_to_tensor, read_output_manifest
 
 STATE_VERSION = 1
 

@@ -6,7 +6,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 
-from pipeline.data.buckets import BucketTable, parse_buckets
+from pipeline.data.decode.buckets import BucketTable, parse_buckets
 
 VAE_KINDS = ("cogvideox", "frame_kl", "pixel")
 TEXT_KINDS = ("t5", "clip")

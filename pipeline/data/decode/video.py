@@ -1,0 +1,127 @@
+"""Probe and decode video clips: decord first, PyAV for files decord cannot read.
+
+Frame choice (both backends, also for variable-frame-rate files): a clip of T frames at `fps`
+starting at `start` samples the times t_k = start + k / fps. Each t_k takes the LAST source
+frame whose presentation time is <= t_k (+ TIME_TOLERANCE, for containers that round times to
+the millisecond): the frame a player would be showing at t_k. Times count from the video
+stream's first frame (the container's start offset is removed). A frame is shown until the
+next one starts; the last frame until the end of the stream, so t_{T-1} must lie before the end
+(see buckets.py). Several t_k may take the same frame (target fps above the source's).
+
+Only the chosen frames are converted to RGB: decord reads them with get_batch; PyAV seeks to
+the keyframe before `start` and decodes forward. Several clips of one video (decode_clips) share
+one pass. Both backends then crop the centred region with the bucket's aspect ratio and scale it
+with torch (bilinear, antialiased, on uint8: cheaper than libswscale's scaling, and the same
+code for both backends).
+
+Every failure on bad input is a DecodeError whose `reason` is one of REASONS (container.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.data.decode import readers
+from pipeline.data.decode.buckets import TIME_TOLERANCE, Bucket, BucketTable, assign_bucket
+from pipeline.data.decode.container import DecodeError, VideoInfo, open_container
+from pipeline.data.decode.frames import target_times, to_model_range
+from pipeline.data.source.manifest import VideoRecord
+
+BACKENDS = ("auto", "decord", "pyav")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipPlan:
+    """One clip to cut from a video."""
+
+    index: int
+    """0, 1, ... in order of start time within the video."""
+    start: float
+    """Seconds from the video's first frame."""
+    bucket: Bucket
+    """Frames and size of the clip."""
+    fps: float
+    """Sampling rate of the clip's frames."""
+
+    @property
+    def end(self) -> float:
+        """Where the clip's time ends (exclusive): start + frames / fps."""
+        return self.start + self.bucket.period(self.fps)
+
+
+def plan_clips(record: VideoRecord, info: VideoInfo, table: BucketTable, fps: float,
+               clips_per_video: int = 1) -> list[ClipPlan]:
+    """The clips to cut from one probed video, or DecodeError("too_short" | "truncated")."""
+    assignment = assign_bucket(table, width=info.width, height=info.height, duration=info.duration,
+                               fps=fps, start=record.start, end=record.end,
+                               clips_per_video=clips_per_video)
+    if assignment.bucket is None:
+        shortest = min(table, key=lambda b: b.frames)
+        need = shortest.span(fps) + TIME_TOLERANCE
+        window = f" in [{record.start or 0:g}, {record.end if record.end is not None else 'end'}]"
+        if info.truncated:
+            raise DecodeError("truncated", f"{record.path}: only {info.duration:.3f} s of the "
+                                           f"{info.claimed_duration:.3f} s the header claims are present; "
+                                           f"the shortest bucket needs {need:.3f} s{window}")
+        raise DecodeError("too_short", f"{record.path}: {info.duration:.3f} s long; the shortest bucket "
+                                       f"({shortest}) needs more than {need:.3f} s at {fps:g} fps{window}")
+    return [ClipPlan(index=i, start=s, bucket=assignment.bucket, fps=fps)
+            for i, s in enumerate(assignment.starts)]
+
+
+def decode_clips(path: str | os.PathLike, *, starts: list[float], frames: int, height: int, width: int,
+                 fps: float, backend: str = "auto", threads: int = 1) -> list[np.ndarray]:
+    """Several clips of one video in one pass, each float32 (3, frames, height, width) in
+    [-1, 1], in the order of `starts` (see the module docstring for the frame choice).
+
+    backend: "decord", "pyav", or "auto" (decord, then PyAV if decord fails for any reason
+    but a clean too_short). threads: decoder threads (1 = one core per decode task).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+    for name, value in (("frames", frames), ("height", height), ("width", width), ("threads", threads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: must be a positive integer")
+    if not (fps > 0 and math.isfinite(fps)):
+        raise ValueError(f"fps={fps}: must be a positive number")
+    if not starts or not all(s >= 0 and math.isfinite(s) for s in starts):
+        raise ValueError(f"starts={starts}: give at least one start time, each a number >= 0")
+    if backend == "decord" and not readers.HAVE_DECORD:
+        raise ValueError("backend='decord' but decord is not installed; use 'pyav' or 'auto'")
+    path = os.fspath(path)
+    order = sorted(range(len(starts)), key=lambda i: starts[i])
+    clips = [target_times(starts[i], frames, fps) for i in order]
+    use_decord = backend == "decord" or (backend == "auto" and readers.HAVE_DECORD)
+    for library in (["decord"] if use_decord else []) + ([] if backend == "decord" else ["pyav"]):
+        container, stream = open_container(path)  # classifies missing / not-a-video files
+        try:
+            if library == "pyav":
+                decoded = readers.decode_pyav(path, container, stream, clips, height, width, threads)
+            else:
+                try:
+                    decoded = readers.decode_decord(path, container, stream, clips, height, width, threads)
+                except DecodeError as e:
+                    # A clean too_short is final; anything else gets a second chance with PyAV.
+                    if backend == "decord" or e.reason == "too_short":
+                        raise
+                    continue
+        finally:
+            container.close()
+        out: list[np.ndarray] = [np.empty(0)] * len(starts)
+        for i, clip in zip(order, decoded):
+            out[i] = to_model_range(clip)
+        return out
+    raise AssertionError("unreachable")  # the pyav pass returns or raises
+
+
+def decode_clip(path: str | os.PathLike, *, frames: int, height: int, width: int, fps: float,
+                start: float = 0.0, backend: str = "auto", threads: int = 1) -> np.ndarray:
+    """One clip: float32 (3, frames, height, width) in [-1, 1]; see decode_clips."""
+    if not (start >= 0 and math.isfinite(start)):
+        raise ValueError(f"start={start}: must be a number >= 0")
+    return decode_clips(path, starts=[start], frames=frames, height=height, width=width, fps=fps,
+                        backend=backend, threads=threads)[0]

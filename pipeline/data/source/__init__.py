@@ -1,0 +1,1 @@
+"""Step 1, source: manifests and video folders, read, checked and cut into work units."""
