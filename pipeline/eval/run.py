@@ -12,7 +12,6 @@ not cached; sums are all-reduced (float64), per-video rows gathered to rank 0, w
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -29,7 +28,6 @@ from pipeline.eval.fvd import (
 )
 from pipeline.eval.protocol import EvalProtocol, describe_seeds, text_hash
 
-log = logging.getLogger(__name__)
 RESULT_FILE = "eval.json"
 
 

@@ -128,3 +128,24 @@ def test_protocol_id_changes_with_each_field_and_reads_back():
         assert EvalProtocol(**{**base, field: value}).id != protocol.id, field
     assert summary_of(protocol.to_dict()) == protocol.summary()
     assert "64 videos 16x256x256@8fps" in protocol.summary() and "real 2048" in protocol.summary()
+
+
+def test_prompts_from_a_file_or_a_latent_data_set_and_config_errors(tmp_path):
+    from pipeline.eval.config import EvalConfig, EvalError
+    from pipeline.eval.run import load_prompts
+    from tests.deepspeed_launch import write_latents
+
+    data = write_latents(tmp_path / "latents", count=8)
+    assert load_prompts(str(data), 5) == [f"a test clip number {i}" for i in range(5)]
+    assert load_prompts(str(data / "manifest.json"), 3) == load_prompts(str(data), 3)
+    (tmp_path / "prompts.txt").write_text("# a comment\na red square\n\na blue circle\n")
+    assert load_prompts(str(tmp_path / "prompts.txt"), 10) == ["a red square", "a blue circle"]
+    with pytest.raises(EvalError, match="no such file"):
+        load_prompts(str(tmp_path / "missing.txt"), 3)
+    base = dict(checkpoint="run", prompts="p.txt", out="o", clip_model="clip")
+    assert EvalConfig(**base, seeds=[7]).seed_of(3) == 10
+    assert EvalConfig(**base, num_videos=2, seeds=[5, 1]).seed_of(1) == 1
+    for extra, message in [({"seeds": [1, 2]}, "2 seeds for 64 videos"), ({"real": "clips"}, "--i3d"),
+                           ({"clip_model": None}, "nothing to score"), ({"solver": "rk4"}, "solver")]:
+        with pytest.raises(EvalError, match=message):
+            EvalConfig(**{**base, **extra})
