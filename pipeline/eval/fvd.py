@@ -147,7 +147,7 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
 
     mu_a, cov_a = a.mean_cov()
     mu_b, cov_b = b.mean_cov()
-    root, _ = scipy.linalg.sqrtm(cov_a @ cov_b, disp=False)
+    root = scipy.linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(root).all():  # singular product: the usual fix, a small offset on the diagonal
         offset = np.eye(cov_a.shape[0]) * 1e-6
         root = scipy.linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
