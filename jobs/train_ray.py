@@ -25,14 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline.launch import add_ray_args
+
     parser = argparse.ArgumentParser(
         prog="jobs/train_ray.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (one process per GPU)")
-    parser.add_argument("--gpus-per-worker", type=float, default=None,
-                        help="GPUs per worker (default: 1 when the cluster has GPUs, else 0)")
-    parser.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per worker (default: 1)")
-    parser.add_argument("--ray-address", default=None, help="Ray cluster (default: $RAY_ADDRESS or a local Ray)")
+    add_ray_args(parser)
     parser.add_argument("--max-failures", type=int, default=3,
                         help="restarts of the worker group after a worker dies, each from the newest checkpoint "
                         "(default: 3; -1: no limit, 0: fail at once)")
@@ -53,46 +51,24 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # parse
-    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    if args.workers < 1 or args.max_failures < -1:
-        print(f"jobs/train_ray.py: need --workers >= 1 and --max-failures >= -1, got {args.workers} and "
-              f"{args.max_failures}", file=sys.stderr)
-        return 2
     from pipeline.config import ConfigError
+    from pipeline.launch import fit_on_ray
     from pipeline.train.entry import checked_resume_args
 
-    try:  # fail here, before any worker starts, when the trainer's arguments are wrong
-        train_args = checked_resume_args(train_args)
-    except ConfigError as err:
-        print(f"jobs/train_ray.py: error: {err}", file=sys.stderr)
+    args = build_parser().parse_args(argv)  # parse
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    if args.max_failures < -1:
+        print(f"jobs/train_ray.py: --max-failures {args.max_failures} must be -1 (no limit) or more", file=sys.stderr)
         return 2
-
-    import ray  # build
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    ray.init(address=args.ray_address, ignore_reinit_error=True)
-    gpus = args.gpus_per_worker
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    resources = {"CPU": args.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"train_args": train_args},
-        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
-        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=bool(gpus), resources_per_worker=resources),
-        run_config=RunConfig(name="pomvid-train", storage_path=_storage_path(train_args),
-                             failure_config=FailureConfig(max_failures=args.max_failures)),
-    )
-    try:  # run
-        result = trainer.fit()
-    except Exception as error:  # Ray wraps the worker's exception; the job must exit non-zero
-        print(f"jobs/train_ray.py: training failed: {error}", file=sys.stderr)
-        return 1
-    finally:
-        ray.shutdown()  # close
-    return 0 if result.error is None else 1
+    if args.workers >= 1:
+        try:  # wrong arguments fail here, before any worker starts
+            train_args = checked_resume_args(train_args)
+        except ConfigError as err:
+            print(f"jobs/train_ray.py: error: {err}", file=sys.stderr)
+            return 2
+    return fit_on_ray(train_loop_per_worker, {"train_args": train_args}, args, name="pomvid-train",  # build, run
+                      storage_path=_storage_path(train_args), prog="jobs/train_ray.py",
+                      max_failures=args.max_failures)
 
 
 def _storage_path(train_args: list[str]) -> str:

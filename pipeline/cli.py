@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "submit": "submit",
     "train": "train",
     "sample": "sample",
+    "eval": "eval",
+    "export": "export",
     "bench": "bench",
     "runs": "runs",
 }

@@ -11,6 +11,7 @@ the number of processes, batch sizes must divide) are in `RunConfig.layout(world
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -270,6 +271,13 @@ class ValidationConfig:
     fps: float = 8.0
     """Frame rate of the written videos."""
 
+    clip_model: str = ""
+    """open_clip model (local-dir, hf-hub: id, or a checkpoint file with clip_model_name) for the CLIP score
+    of the validation videos, logged as `validation/clip_score`; empty: no score. FVD is `pomvid eval`'s."""
+
+    clip_model_name: str = ""
+    """open_clip architecture of a checkpoint-file clip_model (e.g. ViT-L-14)."""
+
     def __post_init__(self):
         _positive_int("ValidationConfig", "every", self.every, zero_ok=True)
         if isinstance(self.prompts, str) or not all(isinstance(p, str) and p for p in self.prompts):
@@ -283,6 +291,10 @@ class ValidationConfig:
             raise ConfigError(f"ValidationConfig.shift={self.shift!r} and fps={self.fps!r} must be > 0")
         if self.solver not in SOLVERS:
             raise ConfigError(f"ValidationConfig.solver={self.solver!r} is unknown; use one of {SOLVERS}")
+        local = self.clip_model.startswith(("/", ".", "~"))
+        if local and not os.path.exists(os.path.expanduser(self.clip_model)):
+            raise ConfigError(f"ValidationConfig.clip_model={self.clip_model!r}: no such file or folder; give an "
+                              "open_clip local-dir, an hf-hub: id, or leave it empty for no CLIP score")
 
 
 @dataclass(frozen=True, kw_only=True)

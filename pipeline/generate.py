@@ -1,6 +1,6 @@
 """Videos from a trained checkpoint: the library behind `pomvid sample` and the demo's sampling.
 
-    generator = VideoGenerator.load("runs/demo")               # a run folder, checkpoints/ or step_*
+    generator = VideoGenerator.load("runs/demo")               # a run folder, checkpoints/, step_* or an export
     videos = generator.generate(["a red square moving up"], SampleOptions(seed=0))
     rows = write_samples(videos, "samples/", fps=generator.fps)  # MP4 + GIF per prompt, samples.csv
 
@@ -201,34 +201,61 @@ class VideoGenerator:
 
     @classmethod
     def load(cls, checkpoint: str | Path, *, device: str | torch.device | None = None) -> VideoGenerator:
+        """A run folder, its checkpoints/ folder, one step folder, or an export folder (pipeline/export.py)."""
+        from pipeline.export import is_export
+
+        if is_export(checkpoint):
+            return cls._load_export(checkpoint, device=device)
+        folder = resolve_checkpoint(checkpoint)
+        state = ckpt.read_state(folder)
+        manifest, manifest_path = find_manifest(folder, state)
+        ema = ckpt.load_ema(folder)
+        if ema is None:
+            raise SampleError(f"checkpoint {folder} has no {ckpt.EMA_FILE} (the EMA weights sampling uses); "
+                              "pick another checkpoint of the run")
+        return cls._build(model=state.get("config", {}).get("model"), weights=ema, manifest=manifest,
+                          manifest_path=manifest_path, source=folder, step=int(state["step"]),
+                          mlflow_run_id=state.get("mlflow_run_id"), config_file=folder / ckpt.STATE_FILE,
+                          weights_file=folder / ckpt.EMA_FILE, device=device)
+
+    @classmethod
+    def _load_export(cls, folder: str | Path, *, device) -> VideoGenerator:
+        from pipeline.export import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, ExportError, read_export
+
+        try:
+            export = read_export(folder)
+        except ExportError as err:
+            raise SampleError(str(err)) from None
+        return cls._build(model=export.model, weights=export.weights, manifest=export.manifest,
+                          manifest_path=export.folder / MANIFEST_FILE, source=export.folder, step=export.step,
+                          mlflow_run_id=export.source.get("mlflow_run_id"),
+                          config_file=export.folder / CONFIG_FILE, weights_file=export.folder / WEIGHTS_FILE,
+                          device=device)
+
+    @classmethod
+    def _build(cls, *, model, weights: dict, manifest: dict, manifest_path: Path, source: Path, step: int,
+               mlflow_run_id: str | None, config_file: Path, weights_file: Path, device) -> VideoGenerator:
         from pipeline.data.encode.text_factory import text_encoder_from_fingerprint
         from pipeline.data.encode.vae_factory import vae_from_fingerprint
         from pipeline.models.configs import DiTConfig
         from pipeline.models.dit import PoMDiT
 
         device = _device(device)
-        folder = resolve_checkpoint(checkpoint)
-        state = ckpt.read_state(folder)
         try:
-            model_config = DiTConfig(**state["config"]["model"])
+            model_config = DiTConfig(**model)
         except (KeyError, TypeError, ValueError) as err:
-            raise SampleError(f"{folder / ckpt.STATE_FILE}: no usable model config ({err}); was it written by "
-                              "`pomvid train`?") from None
-        manifest, manifest_path = find_manifest(folder, state)
+            raise SampleError(f"{config_file}: no usable model config ({err}); was it written by "
+                              "`pomvid train` or `pomvid export`?") from None
         _check_dims(model_config, manifest, manifest_path)
-        ema = ckpt.load_ema(folder)
-        if ema is None:
-            raise SampleError(f"checkpoint {folder} has no {ckpt.EMA_FILE} (the EMA weights sampling uses); "
-                              "pick another checkpoint of the run")
         model = PoMDiT(model_config)
         params = dict(model.named_parameters())
-        missing = [k for k in params if k not in ema]
-        wrong = [k for k, v in ema.items() if k not in params or tuple(v.shape) != tuple(params[k].shape)]
+        missing = [k for k in params if k not in weights]
+        wrong = [k for k, v in weights.items() if k not in params or tuple(v.shape) != tuple(params[k].shape)]
         if missing or wrong:
-            raise SampleError(f"{folder / ckpt.EMA_FILE} does not fit the model in its trainer_state.json "
+            raise SampleError(f"{weights_file} does not fit the model in {config_file} "
                               f"(missing {missing[:3]}, unexpected or misshapen {wrong[:3]}); the files come from "
                               "different runs")
-        model.load_state_dict(ema, strict=False)  # buffers (none persistent today) keep their init
+        model.load_state_dict(weights, strict=False)  # buffers (none persistent today) keep their init
         model.to(device).eval().requires_grad_(False)
         vae = _rebuild("VAE", vae_from_fingerprint, manifest.get("vae"), manifest_path, device)
         text_encoder = _rebuild("text encoder", text_encoder_from_fingerprint, manifest.get("text_encoder"),
@@ -237,9 +264,8 @@ class VideoGenerator:
             raise SampleError(f"model/encoder mismatch: the model takes {model_config.in_channels} latent channels "
                               f"and {model_config.text_dim}-wide text, the encoders of {manifest_path} make "
                               f"{vae.latent_channels} and {text_encoder.dim}")
-        return cls(model=model, vae=vae, text_encoder=text_encoder, checkpoint=folder, step=int(state["step"]),
-                   manifest=manifest, manifest_path=manifest_path, device=device,
-                   mlflow_run_id=state.get("mlflow_run_id"))
+        return cls(model=model, vae=vae, text_encoder=text_encoder, checkpoint=Path(source), step=step,
+                   manifest=manifest, manifest_path=manifest_path, device=device, mlflow_run_id=mlflow_run_id)
 
     def latent_shape(self, options: SampleOptions) -> tuple[int, int, int, int]:
         """(C, T, H, W) of the latents for the requested video size; SampleError when it cannot be made."""

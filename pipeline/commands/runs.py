@@ -2,8 +2,10 @@
 `pomvid runs sync`: send what a run left unsent (its server was down, or its process was killed).
 
     pomvid runs list --experiment pomvid --output-dir outputs/tiny
+    pomvid runs list --columns name,loss,train.lr,eval/fvd --format markdown
     pomvid runs compare --experiment pomvid --output-dir outputs/tiny --metric train/loss
     pomvid runs compare --tracking-uri http://127.0.0.1:5000 --runs 3f2a9c1e b81d0e4f --format markdown
+    pomvid runs compare --output-dir outputs/tiny --html compare.html    # one page: table + plots
     pomvid runs sync outputs/tiny [--tracking-uri http://127.0.0.1:5000]
 
 Works against the embedded SQLite store of an output folder (`--output-dir`) and against a server
@@ -45,14 +47,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="runs_command", metavar="ACTION")
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
-    listing = actions.add_parser("list", help="runs with status, start, duration, key params, final metrics")
+    listing = actions.add_parser("list", help="one line per run: status, duration, steps, loss, eval metrics")
     _store_args(listing)
     listing.add_argument(
-        "--param", nargs="+", default=None, help="params to show (default: those that differ)"
+        "--columns",
+        default=None,
+        help="comma-separated columns: run_id,name,status,start,duration,recipe,steps,loss,eval (the default), "
+        "or any param (train.lr) or metric (train/samples_per_s, eval/fvd)",
     )
-    listing.add_argument(
-        "--metric", nargs="+", default=None, help="metrics to show (default: all but system/)"
-    )
+    listing.add_argument("--param", nargs="+", default=None, help="params to add as columns")
+    listing.add_argument("--metric", nargs="+", default=None, help="metrics to add as columns")
     listing.add_argument(
         "--max-runs", type=int, default=100, help="newest runs to list (default: %(default)s)"
     )
@@ -94,6 +98,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default: <output-dir>/compare/<experiment>, or ./pomvid-compare/<experiment>)",
     )
     compare.add_argument("--no-plots", action="store_true", help="print the table only")
+    compare.add_argument(
+        "--html", default=None, metavar="FILE", help="also write one self-contained page (table and plots)"
+    )
     compare.set_defaults(func=run_compare)
 
     sync = actions.add_parser(
@@ -112,23 +119,34 @@ def _positive(value: int, flag: str) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
+    import shutil
+
     from pipeline.tracking.compare import find_experiment, open_store, search_runs
-    from pipeline.tracking.report import build_list, list_rows, render
+    from pipeline.tracking.listing import build_list, fit_width, list_rows
+    from pipeline.tracking.report import render
     from pipeline.tracking.uri import TrackingError
 
     _positive(args.max_runs, "--max-runs")
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
     try:
         client, uri = open_store(args.tracking_uri, args.output_dir)
         experiment = find_experiment(client, args.experiment, uri)
         runs = search_runs(client, experiment.experiment_id, args.max_runs)
-        data = build_list(runs, params=args.param, metrics=args.metric)
+        data = build_list(runs, columns=columns, params=args.param, metrics=args.metric)
     except TrackingError as err:
         print(f"pomvid runs list: error: {err}", file=sys.stderr)
         return 1
     if not runs:
         print(f"no runs in experiment {args.experiment!r} at {uri}", file=sys.stderr)
         return 0
-    print(render(list_rows(data), {"experiment": args.experiment, "tracking_uri": uri, **data}, args.format))
+    rows = list_rows(data)
+    if args.format == "table":
+        width = shutil.get_terminal_size((120, 24)).columns
+        rows, dropped = fit_width(rows, width, cuttable=("name", "recipe", *(args.param or ())))
+        if dropped:
+            print(f"(left out to fit {width} characters: {', '.join(dropped)}; choose with --columns, or use "
+                  "--format csv|json|markdown)", file=sys.stderr)
+    print(render(rows, {"experiment": args.experiment, "tracking_uri": uri, **data}, args.format))
     return 0
 
 
@@ -140,8 +158,7 @@ def _default_out(args: argparse.Namespace) -> Path:
 
 def run_compare(args: argparse.Namespace) -> int:
     from pipeline.tracking.compare import find_experiment, open_store, search_runs, select_runs
-    from pipeline.tracking.plots import plot_metrics
-    from pipeline.tracking.report import build_comparison, compare_rows, render
+    from pipeline.tracking.report import build_comparison, compare_rows, protocol_notes, render
     from pipeline.tracking.uri import TrackingError
 
     _positive(args.max_runs, "--max-runs")
@@ -166,19 +183,40 @@ def run_compare(args: argparse.Namespace) -> int:
         print(f"pomvid runs compare: error: {err}", file=sys.stderr)
         return 1
     out = Path(args.out) if args.out else _default_out(args)
-    plots = {} if args.no_plots else plot_metrics(curves, out)
+    plots = {} if args.no_plots else _plots(curves, data, out)
     data = {
         "experiment": args.experiment,
         "tracking_uri": uri,
         **data,
         "plots": {metric: str(path) for metric, path in plots.items()},
     }
-    print(render(compare_rows(data), data, args.format))
+    rows = compare_rows(data)
+    notes = protocol_notes(data)
+    print(render(rows, data, args.format))
+    # Keep stdout machine-readable for csv/json: notes and locations go to stderr there.
+    stream = sys.stdout if args.format in ("table", "markdown") else sys.stderr
+    if notes:
+        print("\neval protocols:\n" + "\n".join(f"  {n}" for n in notes), file=stream)
     if plots:
-        # Keep stdout machine-readable for csv/json: the plot location goes to stderr there.
-        stream = sys.stdout if args.format in ("table", "markdown") else sys.stderr
         print(f"\nplots ({len(plots)} PNG, one curve per run): {out.resolve()}", file=stream)
+    if args.html:
+        from pipeline.tracking.html import render_html, write_html
+
+        page = render_html(rows, title=f"pomvid runs: {args.experiment}", plots=plots, notes=notes, source=uri)
+        print(f"page: {write_html(args.html, page).resolve()}", file=stream)
     return 0
+
+
+def _plots(curves: dict, data: dict, out: Path) -> dict:
+    """One PNG per metric, and eval_metrics.png with every eval metric and protocol against steps."""
+    from pipeline.tracking.plots import EVAL_PLOT, plot_eval_metrics, plot_metrics
+
+    evals = {name: curves.pop(name) for name in data.get("eval", {})}
+    plots = {}
+    if evals:
+        plots["eval metrics"] = plot_eval_metrics(evals, out / EVAL_PLOT)
+    plots.update(plot_metrics(curves, out))
+    return plots
 
 
 def run_sync(args: argparse.Namespace) -> int:

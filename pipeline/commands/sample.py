@@ -4,9 +4,9 @@
     pomvid sample --checkpoint runs/x/checkpoints/step_00003000 --prompts-file prompts.txt --seed 7 --out s/
     pomvid sample --checkpoint runs/causal --prompt "..." --sequential --frames 32 --out long/
 
---checkpoint takes a run folder (the newest complete checkpoint), its checkpoints/ folder or one
-step folder. The VAE and text encoder are rebuilt from the latents' manifest the run recorded. Prompt
-i uses seed + i. Writes <out>/<index>_<prompt>_seed<seed>.mp4 and .gif, and <out>/samples.csv.
+--checkpoint takes a run folder (the newest complete checkpoint), its checkpoints/ folder, one
+step folder or an export folder (pomvid export). The VAE and text encoder are rebuilt from the
+latents' manifest the run recorded. Prompt i uses seed + i. Writes <out>/<index>_<prompt>_seed<seed>.mp4 and .gif, and <out>/samples.csv.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 def register(subparsers) -> None:
     parser = subparsers.add_parser("sample", help="generate videos from a trained checkpoint (MP4 + GIF)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder or a step folder")
+    parser.add_argument("--checkpoint", required=True, help="run, checkpoints/, step or export folder")
     parser.add_argument("--prompt", action="append", default=[], help="a caption (repeatable)")
     parser.add_argument("--prompts-file", default=None, help="a text file with one caption per line")
     parser.add_argument("--out", required=True, help="output folder for the videos and samples.csv")

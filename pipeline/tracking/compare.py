@@ -33,6 +33,11 @@ HIGHER_IS_BETTER = re.compile(r"(acc(uracy)?|psnr|ssim|clip_score|precision|reca
 # Names that say "time" are durations even when they contain a THROUGHPUT word (throughput_time_s).
 DURATION = re.compile(r"(time|elapsed|latency|duration)", re.I)
 MISSING = "-"
+# Eval results (pipeline/eval/log.py): `eval/<name>` belongs to the protocol in the run's param
+# eval.protocol; `eval/<protocol id>/<name>` to that id. The protocol itself is the tag eval.protocol.<id>.
+PROTOCOL_PARAM = "eval.protocol"
+PROTOCOL_TAG_PREFIX = "eval.protocol."
+_PROTOCOL_ID = re.compile(r"^[0-9a-f]{8}$")
 
 
 def is_throughput(metric: str) -> bool:
@@ -171,3 +176,32 @@ def histories(client: Any, runs: Sequence[Any], metric: str) -> list[list[tuple[
             continue
         out.append([(m.step, m.value) for m in client.get_metric_history(run.info.run_id, metric)])
     return out
+
+
+def split_eval_metric(name: str, params: dict) -> tuple[str, str | None] | None:
+    """("eval/fvd", protocol id) for an eval metric of a run with `params`; None for other metrics."""
+    parts = name.split("/")
+    if parts[0] != "eval" or len(parts) < 2:
+        return None
+    if len(parts) == 3 and _PROTOCOL_ID.match(parts[1]):
+        return f"eval/{parts[2]}", parts[1]
+    return name, params.get(PROTOCOL_PARAM)
+
+
+def protocol_of(run: Any, protocol_id: str | None) -> dict | None:
+    """The protocol a run recorded for `protocol_id` (tag eval.protocol.<id>), None if absent or unreadable."""
+    import json
+
+    text = (getattr(run.data, "tags", None) or {}).get(f"{PROTOCOL_TAG_PREFIX}{protocol_id}")
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
+def last_step(run: Any, metric: str) -> int | None:
+    """The step of `metric`'s latest value as search_runs returns it (no extra request), else None."""
+    for m in getattr(run.data, "_metric_objs", None) or []:
+        if m.key == metric:
+            return int(m.step)
+    return None

@@ -75,3 +75,36 @@ def plot_metrics(
         used.add(name)
         paths[metric] = plot_metric(metric, histories[metric], out_dir / name)
     return paths
+
+
+EVAL_PLOT = "eval_metrics.png"
+
+
+def plot_eval_metrics(series: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], path: str | Path) -> Path:
+    """One PNG with a panel per eval metric and protocol ({"eval/fvd [3f2a9c1e]": {run: [(step, value)]}}),
+    each run's values against the checkpoint step: how FVD and CLIP score move as training goes on."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = sorted(series)
+    columns = min(2, max(1, len(names)))
+    rows = (len(names) + columns - 1) // columns or 1
+    fig = Figure(figsize=(6 * columns, 3.6 * rows), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        for label, points in series[name].items():
+            if points:
+                points = sorted(points)
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", linewidth=1.2, label=label)
+        ax.set_xlabel("checkpoint step")
+        ax.set_ylabel(name.split(" ")[0])
+        ax.set_title(name, fontsize="medium")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small", loc="best")
+    fig.suptitle("eval metrics against training steps (one panel per metric and protocol)")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path

@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from pipeline.eval.protocol import summary_of
 from pipeline.tracking.compare import (
     MISSING,
     differing_params,
@@ -20,7 +21,9 @@ from pipeline.tracking.compare import (
     histories,
     is_throughput,
     metric_names,
+    protocol_of,
     run_labels,
+    split_eval_metric,
     summarize,
 )
 from pipeline.tracking.uri import TrackingError
@@ -61,41 +64,6 @@ def run_record(run: Any, label: str) -> dict[str, Any]:
     }
 
 
-# ---- runs list ----------------------------------------------------------------------------------
-def build_list(
-    runs: Sequence[Any], *, params: Sequence[str] | None = None, metrics: Sequence[str] | None = None
-) -> dict[str, Any]:
-    """Rows per run: status, start, duration, key params (default: those that differ between the
-    runs, at most 6) and final metrics (default: all but system metrics)."""
-    key_params = list(params) if params else list(differing_params(runs))[:6]
-    final_metrics = list(metrics) if metrics else metric_names(runs)
-    records = []
-    for run, label in zip(runs, run_labels(runs)):
-        record = run_record(run, label)
-        record["params"] = {k: run.data.params.get(k) for k in key_params}
-        record["metrics"] = {m: run.data.metrics.get(m) for m in final_metrics}
-        records.append(record)
-    return {"params": key_params, "metrics": final_metrics, "runs": records}
-
-
-def list_rows(data: dict[str, Any]) -> list[list[str]]:
-    header = ["run_id", "name", "status", "start", "duration", *data["params"], *data["metrics"]]
-    rows = [header]
-    for r in data["runs"]:
-        rows.append(
-            [
-                r["run_id"][:8],
-                r["run_name"] or MISSING,
-                r["status"],
-                r["start_time"],
-                fmt_duration(r["duration_s"]),
-            ]
-            + [r["params"][k] if r["params"][k] is not None else MISSING for k in data["params"]]
-            + [fmt_number(r["metrics"][m]) for m in data["metrics"]]
-        )
-    return rows
-
-
 # ---- runs compare -------------------------------------------------------------------------------
 def build_comparison(
     client: Any,
@@ -108,7 +76,10 @@ def build_comparison(
 ) -> tuple[dict[str, Any], dict[str, dict[str, list[tuple[int, float]]]]]:
     """(comparison, curves): structured comparison of `runs` and {metric: {label: [(step, value)]}}.
 
-    Throughput metrics are always compared, even when `metrics` names others.
+    Eval metrics go to comparison["eval"], one entry per (metric, protocol): a run's `eval/fvd` and
+    another run's `eval/fvd` share an entry only when their protocols are the same. curves holds the
+    eval entries under their "<metric> [<protocol>]" names. Throughput metrics are always compared,
+    even when `metrics` names others.
     """
     if not runs:
         raise TrackingError("no runs to compare")
@@ -128,10 +99,18 @@ def build_comparison(
     result: dict[str, Any] = {
         "runs": [run_record(r, label) for r, label in zip(runs, labels)],
         "differing_params": {k: dict(zip(labels, v)) for k, v in params.items()},
+        "eval": {},
         "metrics": {},
     }
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
-    for metric in chosen:
+    plain = [m for m in chosen if not any(split_eval_metric(m, r.data.params) for r in runs)]
+    for name, entry, points in _eval_entries(client, runs, labels, [m for m in chosen if m not in plain],
+                                             maximize, minimize):
+        result["eval"][name] = entry
+        curves[name] = points
+    # Loss first, then throughput, then the rest (alphabetical within each group).
+    plain.sort(key=lambda m: (0 if "loss" in m else 1 if is_throughput(m) else 2, m))
+    for metric in plain:
         best = direction(metric, maximize, minimize)
         throughput = is_throughput(metric)
         per_run = histories(client, runs, metric)
@@ -144,7 +123,31 @@ def build_comparison(
     return result, curves
 
 
+def _eval_entries(client, runs, labels, names, maximize, minimize):
+    """[(display name, entry, {label: points})] for the eval metric keys `names`, one per (metric, protocol)."""
+    groups: dict[tuple[str, str | None], dict[str, str]] = {}  # (base, protocol) -> {label: metric key}
+    for run, label in zip(runs, labels):
+        for key in names:
+            split = split_eval_metric(key, run.data.params)
+            if split and key in run.data.metrics:
+                groups.setdefault(split, {})[label] = key
+    out = []
+    for (base, pid), keys in sorted(groups.items(), key=lambda item: (item[0][0], str(item[0][1]))):
+        best = direction(base, maximize, minimize)
+        points, stats, protocol = {}, {}, None
+        for run, label in zip(runs, labels):
+            series = histories(client, [run], keys[label])[0] if label in keys else []
+            points[label] = series
+            stats[label] = summarize(series, best)
+            protocol = protocol or (protocol_of(run, pid) if label in keys else None)
+        entry = {"metric": base, "protocol": pid, "protocol_summary": summary_of(protocol) if protocol else None,
+                 "best": best, "runs": stats}
+        out.append((f"{base} [{pid or 'unknown protocol'}]", entry, points))
+    return out
+
+
 def compare_rows(data: dict[str, Any]) -> list[list[str]]:
+    """Run facts, params that differ, eval metrics (best and final, per protocol), loss, throughput, the rest."""
     labels = [r["label"] for r in data["runs"]]
     rows = [["", *labels]]
     rows.append(["run_id", *(r["run_id"][:8] for r in data["runs"])])
@@ -153,6 +156,11 @@ def compare_rows(data: dict[str, Any]) -> list[list[str]]:
     rows.append(["duration", *(fmt_duration(r["duration_s"]) for r in data["runs"])])
     for key, values in data["differing_params"].items():
         rows.append([f"param {key}", *(values[label] for label in labels)])
+    for name, info in data.get("eval", {}).items():
+        stats = [info["runs"][label] for label in labels]
+        rows.append([f"{name} best ({info['best']})", *(fmt_number(s.get("best")) for s in stats)])
+        rows.append([f"{name} best step", *(fmt_number(s.get("best_step")) for s in stats)])
+        rows.append([f"{name} final", *(fmt_number(s.get("final")) for s in stats)])
     for metric, info in data["metrics"].items():
         stats = [info["runs"][label] for label in labels]
         rows.append([f"{metric} final", *(fmt_number(s.get("final")) for s in stats)])
@@ -161,6 +169,14 @@ def compare_rows(data: dict[str, Any]) -> list[list[str]]:
         if info["throughput"]:
             rows.append([f"{metric} mean", *(fmt_number(s.get("mean")) for s in stats)])
     return rows
+
+
+def protocol_notes(data: dict[str, Any]) -> list[str]:
+    """One line per eval protocol in the comparison: "[3f2a9c1e] 64 videos 16x256x256@8fps, ..."."""
+    seen = {}
+    for info in data.get("eval", {}).values():
+        seen.setdefault(info["protocol"], info["protocol_summary"] or "(protocol not recorded)")
+    return [f"[{pid}] {summary}" for pid, summary in seen.items()]
 
 
 # ---- rendering ----------------------------------------------------------------------------------

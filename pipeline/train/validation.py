@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import RunConfig
+from pipeline.eval.clip_score import validation_clip_score
 from pipeline.models.dit import PoMDiT
 from pipeline.models.sampler import SamplerConfig, initial_noise, sample
 from pipeline.train.conditioning import Conditioning
@@ -39,6 +40,7 @@ class Validator:
         self.device, self.out = device, Path(output_dir) / "samples"
         self.manifest = manifest
         self._vae, self._vae_tried = None, False
+        self._clip: dict = {}  # the CLIP scorer, loaded at the first validation (pipeline/eval/clip_score.py)
 
     def _decoder(self):
         if not self._vae_tried:
@@ -67,7 +69,7 @@ class Validator:
         sampler = SamplerConfig(steps=val.steps, guidance=val.guidance, shift=val.shift, solver=val.solver)
         guided = val.guidance != 1.0
         self.out.mkdir(parents=True, exist_ok=True)
-        written = []
+        written, decoded, captions = [], [], []
         for i, shape in enumerate(self.cond.val_shapes):
             noise = initial_noise((1, *shape), val.seed + i, device=self.device)
             latents = sample(
@@ -82,5 +84,11 @@ class Validator:
                              fps=val.fps, scale=None)
             tracker.log_video(path, step=step)
             written.append(path)
+            if vae is not None:  # a CLIP score of raw latent channels would mean nothing
+                decoded.append(video.float().clamp(-1, 1))
+                captions.append(caption)
+        score = validation_clip_score(val, decoded, captions, device=self.device, cache=self._clip)
+        if score is not None:
+            tracker.log_metrics({"validation/clip_score": score}, step=step)
         del model
         return written

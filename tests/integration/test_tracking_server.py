@@ -177,7 +177,10 @@ def test_runs_list_and_compare(mlflow_server, tmp_path, capsys):
 
     assert pomvid(["runs", "list", "--experiment", experiment, "--tracking-uri", mlflow_server]) == 0
     listing = capsys.readouterr().out
-    assert "fast" in listing and "slow" in listing and "FINISHED" in listing and "train.lr" in listing
+    assert "fast" in listing and "slow" in listing and "FINISHED" in listing and "loss" in listing
+    assert pomvid(["runs", "list", "--experiment", experiment, "--tracking-uri", mlflow_server,
+                   "--columns", "name,status,train.lr"]) == 0
+    assert "train.lr" in capsys.readouterr().out
 
     out = tmp_path / "plots"
     args = ["runs", "compare", "--experiment", experiment, "--tracking-uri", mlflow_server, "--out", str(out)]
