@@ -7,9 +7,11 @@
 
 Ray Train's TorchTrainer starts one worker per GPU and sets up the torch.distributed process group
 (NCCL on GPUs, gloo on CPUs) and RANK/LOCAL_RANK/WORLD_SIZE; DeepSpeed then initialises over that
-group. Everything after `--` goes to the trainer unchanged (`python jobs/train.py --help`). The
-output folder must be on storage every node sees: a resubmitted job with `--resume auto` continues
-from the newest complete checkpoint there.
+group. Everything after `--` goes to the trainer (`python jobs/train.py --help`). The output folder
+must be on storage every node sees. When a worker dies (a node lost, an out-of-memory kill), Ray Train
+restarts the whole group, up to `--max-failures` times, and the new group continues from the newest
+complete checkpoint in the output folder by itself: `--resume none` is checked once, here, and the
+workers then run with `--resume auto`. A resubmitted job with `--resume auto` continues the same way.
 """
 
 from __future__ import annotations
@@ -29,36 +31,44 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jobs/train_ray.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_ray_args(parser)
+    parser.add_argument("--max-failures", type=int, default=3,
+                        help="restarts of the worker group after a worker dies, each from the newest checkpoint "
+                        "(default: 3; -1: no limit, 0: fail at once)")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the trainer's arguments")
     return parser
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker: the trainer's own parse -> build -> run -> close."""
+    """Runs on every Ray Train worker (again after a restart): the trainer's parse -> build -> run -> close."""
     from pipeline.train.entry import build_parser as train_parser
-    from pipeline.train.entry import run
+    from pipeline.train.entry import resume_after_restart, run
 
-    code = run(train_parser().parse_args(config["train_args"]))
+    args = train_parser().parse_args(config["train_args"])
+    args.resume = resume_after_restart(args)
+    code = run(args)
     if code != 0:
         raise RuntimeError(f"the trainer exited with code {code} (its log above says why)")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.config import ConfigError
     from pipeline.launch import fit_on_ray
+    from pipeline.train.entry import checked_resume_args
 
     args = build_parser().parse_args(argv)  # parse
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    if args.max_failures < -1:
+        print(f"jobs/train_ray.py: --max-failures {args.max_failures} must be -1 (no limit) or more", file=sys.stderr)
+        return 2
     if args.workers >= 1:
-        train_parser_check(train_args)
+        try:  # wrong arguments fail here, before any worker starts
+            train_args = checked_resume_args(train_args)
+        except ConfigError as err:
+            print(f"jobs/train_ray.py: error: {err}", file=sys.stderr)
+            return 2
     return fit_on_ray(train_loop_per_worker, {"train_args": train_args}, args, name="pomvid-train",  # build, run
-                      storage_path=_storage_path(train_args), prog="jobs/train_ray.py")
-
-
-def train_parser_check(train_args: list[str]) -> None:
-    """Fail on the submitting side, before any worker starts, when the trainer's arguments are wrong."""
-    from pipeline.train.entry import build_parser as train_parser
-
-    train_parser().parse_args(train_args)
+                      storage_path=_storage_path(train_args), prog="jobs/train_ray.py",
+                      max_failures=args.max_failures)
 
 
 def _storage_path(train_args: list[str]) -> str:

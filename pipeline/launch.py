@@ -69,14 +69,15 @@ def add_ray_args(parser: argparse.ArgumentParser) -> None:
 
 
 def fit_on_ray(loop: Callable[[dict], None], loop_config: dict, args: argparse.Namespace, *, name: str,
-               storage_path: str, prog: str) -> int:
+               storage_path: str, prog: str, max_failures: int = 0) -> int:
     """Run `loop(loop_config)` on `args.workers` Ray Train workers (TorchTrainer sets up the process group:
-    NCCL on GPUs, gloo on CPUs, and RANK/LOCAL_RANK/WORLD_SIZE); 0 when every worker finished."""
+    NCCL on GPUs, gloo on CPUs, and RANK/LOCAL_RANK/WORLD_SIZE); 0 when every worker finished. When a
+    worker dies, Ray Train restarts the whole group and calls `loop` again, up to `max_failures` times."""
     if args.workers < 1:
         print(f"{prog}: --workers {args.workers} must be at least 1", file=sys.stderr)
         return 2
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ray.init(address=args.ray_address, ignore_reinit_error=True)
@@ -89,7 +90,8 @@ def fit_on_ray(loop: Callable[[dict], None], loop_config: dict, args: argparse.N
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=bool(gpus), resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=storage_path),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=max_failures)),
     )
     try:
         result = trainer.fit()

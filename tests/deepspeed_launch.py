@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -56,6 +57,32 @@ def start_launch(args: list[str], *, num_gpus: int = 2, env: dict | None = None,
     handle = open(log, "w")
     return subprocess.Popen(command, cwd=ROOT, env=env or cpu_env(), stdout=handle, stderr=subprocess.STDOUT,
                             start_new_session=True)
+
+
+def kill_rank(launcher: subprocess.Popen, local_rank: int, *, expect_pid: int | None = None,
+              timeout: float = 180) -> int:
+    """SIGKILL the launcher's process of `local_rank` (found among its children by its --local_rank
+    argument, the way a fault hits one process) and return the launcher's exit code."""
+    import psutil
+
+    def is_rank(process: psutil.Process) -> bool:
+        try:
+            return f"--local_rank={local_rank}" in process.cmdline()
+        except psutil.NoSuchProcess:
+            return False
+
+    ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True) if is_rank(p)]
+    assert len(ranks) == 1, f"rank {local_rank} not found once among the launcher's processes: {ranks}"
+    assert expect_pid in (None, ranks[0].pid), f"rank {local_rank} is pid {ranks[0].pid}, not {expect_pid}"
+    os.kill(ranks[0].pid, signal.SIGKILL)
+    return launcher.wait(timeout=timeout)
+
+
+def stop_launch(launcher: subprocess.Popen) -> None:
+    """Kill a launcher started by `start_launch` and its processes, if it is still running."""
+    if launcher.poll() is None:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
 
 
 def train_cli(args: list[str], *, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

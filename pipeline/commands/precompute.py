@@ -132,7 +132,9 @@ def _log_summary(tracker, config, summary: dict) -> None:
                     "steady_clips_per_second": summary["steady_clips_per_second"]},
         extra={"status": summary["status"], "output": summary["output"]},
     )
+    # Copied into the run's spool: a later precompute of the same folder rewrites both before a
+    # `pomvid runs sync` after an outage would send them.
     errors = Path(config.output) / "errors"
     if errors.is_dir() and any(errors.iterdir()):
-        tracker.log_artifact(errors, "errors")  # every failed video with its reason
-    tracker.log_artifact(Path(config.output) / "manifest.json")
+        tracker.log_artifact(errors, "errors", snapshot=True)  # every failed video with its reason
+    tracker.log_artifact(Path(config.output) / "manifest.json", snapshot=True)

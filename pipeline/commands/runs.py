@@ -1,10 +1,12 @@
-"""`pomvid runs list` and `pomvid runs compare`: read MLflow runs back from the terminal.
+"""`pomvid runs list` and `pomvid runs compare`: read MLflow runs back from the terminal;
+`pomvid runs sync`: send what a run left unsent (its server was down, or its process was killed).
 
     pomvid runs list --experiment pomvid --output-dir outputs/tiny
     pomvid runs list --columns name,loss,train.lr,eval/fvd --format markdown
     pomvid runs compare --experiment pomvid --output-dir outputs/tiny --metric train/loss
     pomvid runs compare --tracking-uri http://127.0.0.1:5000 --runs 3f2a9c1e b81d0e4f --format markdown
     pomvid runs compare --output-dir outputs/tiny --html compare.html    # one page: table + plots
+    pomvid runs sync outputs/tiny [--tracking-uri http://127.0.0.1:5000]
 
 Works against the embedded SQLite store of an output folder (`--output-dir`) and against a server
 (`--tracking-uri`, or MLFLOW_TRACKING_URI) alike.
@@ -100,6 +102,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--html", default=None, metavar="FILE", help="also write one self-contained page (table and plots)"
     )
     compare.set_defaults(func=run_compare)
+
+    sync = actions.add_parser(
+        "sync", help="send the logging calls a run left unsent in <RUN_DIR>/mlflow_spool (idempotent)"
+    )
+    sync.add_argument("run_dir", metavar="RUN_DIR", help="a run's output folder (training or precompute)")
+    sync.add_argument(
+        "--tracking-uri", default=None, help="send there instead of the URI the run was logged to"
+    )
+    sync.set_defaults(func=run_sync)
 
 
 def _positive(value: int, flag: str) -> None:
@@ -206,3 +217,18 @@ def _plots(curves: dict, data: dict, out: Path) -> dict:
         plots["eval metrics"] = plot_eval_metrics(evals, out / EVAL_PLOT)
     plots.update(plot_metrics(curves, out))
     return plots
+
+
+def run_sync(args: argparse.Namespace) -> int:
+    """Exit 0 when every spool is fully sent, 1 when something is left, 2 when RUN_DIR has no spool."""
+    from pipeline.tracking.sync import sync_runs
+    from pipeline.tracking.uri import TrackingError
+
+    try:
+        results = sync_runs(args.run_dir, args.tracking_uri)
+    except TrackingError as err:
+        print(f"pomvid runs sync: error: {err}", file=sys.stderr)
+        return 2
+    for result in results:
+        print(result.describe(), file=sys.stdout if result.ok else sys.stderr)
+    return 0 if all(result.ok for result in results) else 1

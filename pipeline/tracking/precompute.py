@@ -101,5 +101,5 @@ def log_precompute_summary(
     )
     tracker.log_dict(summary, "precompute_summary.json")
     if errors is not None and errors.exists():
-        tracker.log_artifact(errors, "errors")
+        tracker.log_artifact(errors, "errors", snapshot=True)  # a later job of the folder appends to it
     return summary

@@ -1,20 +1,26 @@
 """`start_run`: open (or resume) the MLflow run of a training or precompute job on rank 0.
 
-Everything up to the returned Tracker is synchronous and raises TrackingError on failure: a job with a
-wrong URI or an unknown run id stops before it spends GPU hours. After that, logging never raises.
+Creating (or finding) the run is synchronous and raises TrackingError on failure: a job with a wrong URI
+or an unknown run id stops before it spends GPU hours. Everything after that, params included, goes
+through the run's spool (`<output_dir>/mlflow_spool/<run_id>/`, pipeline.tracking.spool): logging never
+raises and never waits on the server. A resumed run first sends what its earlier segment left unsent;
+records other runs left in the same output folder (an earlier precompute job) go before that.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pipeline.tracking.env import environment_tags
-from pipeline.tracking.params import PARAMS_PER_BATCH, chunks, to_params, to_plain, to_tags
+from pipeline.tracking.params import to_params, to_plain, to_tags
+from pipeline.tracking.send import RecordSender
+from pipeline.tracking.spool import Spool, SpoolBusyError, find_spools, spool_root
 from pipeline.tracking.tracker import NullTracker, Tracker
 from pipeline.tracking.uri import (
     TrackingError,
@@ -29,6 +35,7 @@ from pipeline.tracking.uri import (
 
 logger = logging.getLogger("pipeline.tracking")
 DEFAULT_EXPERIMENT = "pomvid"
+SPOOL_LOCK_WAIT_S = 30.0  # how long a resumed run waits for a dying predecessor to release the spool
 
 
 def rank_from_env() -> int:
@@ -71,20 +78,6 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
     return experiment.experiment_id
 
 
-def _log_params_sync(
-    client: Any, run_id: str, params: dict[str, str], existing: Mapping[str, str]
-) -> list[str]:
-    """Log params MLflow does not have yet; return the keys whose value differs from the logged one
-    (MLflow params are immutable, so a resumed run with a changed setting keeps the first value)."""
-    from mlflow.entities import Param
-
-    changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
-    new = [Param(k, v) for k, v in params.items() if k not in existing]
-    for part in chunks(new, PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=list(part), synchronous=True)
-    return changed
-
-
 def start_run(
     *,
     config: Mapping[str, Any] | Any,
@@ -102,14 +95,18 @@ def start_run(
     upload_checkpoints: bool = False,
     plots_at_end: bool = True,
     flush_timeout: float = 120.0,
+    end_grace_s: float = 5.0,
 ) -> Tracker | NullTracker:
     """Start (or, with `run_id`, resume) an MLflow run on rank 0; a NullTracker elsewhere or if disabled.
 
     `config` (dict or dataclass) is logged flattened as params and whole as `config.json`;
     `deepspeed_config` as `deepspeed.*` params and `deepspeed_config.json`. URI: `tracking_uri`, else
     MLFLOW_TRACKING_URI, else `sqlite:///<output_dir>/mlflow.db`. `rank` defaults to the RANK
-    environment variable. Raises TrackingUnreachableError (naming the URI) within seconds when an HTTP
-    server does not answer, and TrackingError for other problems at start.
+    environment variable. The spool lives in `<output_dir>/mlflow_spool/<run_id>` (without an output
+    folder: a temporary folder, removed when everything was sent). At the end the tracker waits up to
+    `flush_timeout` s for the server to take what is left, or `end_grace_s` s once it is failing.
+    Raises TrackingUnreachableError (naming the URI) within seconds when an HTTP server does not
+    answer, and TrackingError for other problems at start.
     """
     rank = rank_from_env() if rank is None else int(rank)
     if not enabled or rank != 0:
@@ -126,7 +123,6 @@ def start_run(
         prepare_local_store(uri)
 
     from mlflow import MlflowClient
-    from mlflow.entities import RunTag
     from mlflow.exceptions import MlflowException
 
     plain = to_plain(config)
@@ -134,6 +130,7 @@ def start_run(
         raise TrackingError(f"config must be a dict or a dataclass, got {type(config).__name__}")
     client = MlflowClient(tracking_uri=uri)
     created = None
+    resume_tags: dict[str, Any] | None = None
     try:
         run_tags = {**environment_tags(), **(tags or {})}
         if run_id is None:
@@ -151,53 +148,126 @@ def start_run(
             resumes = int(run.data.tags.get("pomvid.resume_count", "0")) + 1
             # Keep the first segment's environment (git commit, host, versions) in the plain tags; a
             # segment that runs elsewhere or on other code records its own as resume_<n>.<tag>.
-            run_tags = {
+            resume_tags = {
                 (k if run.data.tags.get(k, v) == v else f"resume_{resumes}.{k}"): v
                 for k, v in to_tags(run_tags).items()
             }
-            run_tags.update(
+            resume_tags.update(
                 {"pomvid.resume_count": resumes, "pomvid.resumed_at": time.strftime("%Y-%m-%d %H:%M:%S")}
             )
-            client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in to_tags(run_tags).items()])
             config_name = f"config.resume_{resumes}.json"
         run_id = run.info.run_id
-        params = to_params(plain)
-        if deepspeed_config is not None:
-            params.update(to_params({"deepspeed": to_plain(deepspeed_config)}))
-        changed = _log_params_sync(client, run_id, params, existing)
-        if changed:
-            logger.warning(
-                "resumed MLflow run %s: params %s differ from the first segment and keep their first "
-                "value (MLflow params cannot change); the new config is in %s",
-                run_id,
-                ", ".join(changed[:20]),
-                config_name,
-            )
-            client.set_tag(run_id, "pomvid.changed_params_on_resume", ", ".join(changed)[:5000])
-    except MlflowException as err:
+        spool, temporary = _open_spool(output_dir, run_id, uri, experiment_id)
+    except (MlflowException, TrackingError) as err:
         if created is not None:  # do not leave a half-made run RUNNING forever
             try:
                 client.set_terminated(created, "FAILED")
             except MlflowException:
                 pass
+        if isinstance(err, TrackingError):
+            raise
         raise TrackingError(f"MLflow tracking at {uri} failed at start: {err}") from err
 
+    params = to_params(plain)
+    if deepspeed_config is not None:
+        params.update(to_params({"deepspeed": to_plain(deepspeed_config)}))
+    # MLflow params are immutable: a resumed run with a changed setting keeps the first value.
+    changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
+    recorded = _recorded_steps(spool, run) if resume_tags is not None else {}
+    if spool.pending():
+        logger.warning("MLflow run %s: logging calls of its earlier segment were not sent yet (%s); they are "
+                       "sent first", run_id, spool.folder)
     tracker = Tracker(
         client=client,
         tracking_uri=uri,
         experiment_id=experiment_id,
         run_id=run_id,
+        spool=spool,
+        recorded_steps=recorded,
         upload_checkpoints=upload_checkpoints,
         plots_at_end=plots_at_end,
         flush_timeout=flush_timeout,
+        end_grace_s=end_grace_s,
+        leftovers=[] if temporary else _leftovers(spool, client, uri),
+        remove_spool_when_sent=temporary,
     )
+    if resume_tags is not None:
+        tracker.set_tags(resume_tags)
+        tracker.set_status("RUNNING")
+    tracker.log_params({k: v for k, v in params.items() if k not in existing})
+    if changed:
+        logger.warning(
+            "resumed MLflow run %s: params %s differ from the first segment and keep their first "
+            "value (MLflow params cannot change); the new config is in %s",
+            run_id,
+            ", ".join(changed[:20]),
+            config_name,
+        )
+        tracker.set_tags({"pomvid.changed_params_on_resume": ", ".join(changed)[:5000]})
     tracker.log_dict(plain, config_name)
     if deepspeed_config is not None:
         tracker.log_dict(deepspeed_config, "deepspeed_config.json")
     if system_metrics:
-        tracker.system_metrics = _start_system_metrics(tracker, run, system_metrics_interval)
+        tracker.system_metrics = _start_system_metrics(tracker, recorded, system_metrics_interval)
     logger.info("MLflow run %s (experiment %r) at %s", run_id, experiment, uri)
     return tracker
+
+
+def _open_spool(output_dir: str | os.PathLike | None, run_id: str, uri: str, experiment_id: str
+                ) -> tuple[Spool, bool]:
+    """The run's spool and whether it is a temporary one (no local output folder to keep it in)."""
+    temporary = output_dir is None or "://" in str(output_dir)
+    root = Path(tempfile.mkdtemp(prefix="pomvid-mlflow-spool-")) if temporary else spool_root(output_dir)
+    folder = root / run_id
+    deadline = time.monotonic() + SPOOL_LOCK_WAIT_S
+    while True:
+        try:
+            spool = Spool.open(folder, run={"run_id": run_id, "tracking_uri": uri, "experiment_id": experiment_id})
+            break
+        except SpoolBusyError as err:
+            if time.monotonic() < deadline:  # a killed predecessor (Ray Train restart) may still be exiting
+                time.sleep(0.5)
+                continue
+            raise TrackingError(
+                f"MLflow run {run_id} is being logged by another live process ({err}); two jobs cannot write "
+                "one run: stop the other one, or start this one with another --output-dir"
+            ) from err
+        except OSError as err:
+            raise TrackingError(f"cannot create the MLflow spool {folder}: {err}") from err
+    return spool, temporary
+
+
+def _recorded_steps(spool: Spool, run: Any) -> dict[str, int]:
+    """The last step of every metric the run's earlier segments recorded: in the spool (sent or not)
+    or, for runs logged before there was a spool, on the server."""
+    steps = dict(spool.recorded_steps)
+    for metric in getattr(run.data, "_metric_objs", []):
+        steps[metric.key] = max(steps.get(metric.key, -1), int(metric.step))
+    return steps
+
+
+def _leftovers(spool: Spool, client: Any, uri: str) -> list[tuple[Spool, RecordSender]]:
+    """Other runs' spools in the same output folder with unsent records for the same server; the ones
+    for another server are only pointed out (`pomvid runs sync` takes --tracking-uri)."""
+    found = []
+    for folder in find_spools(spool.folder.parent):
+        if folder == spool.folder:
+            continue
+        try:
+            other = Spool.open(folder)
+        except (SpoolBusyError, OSError, ValueError):
+            continue  # a live process sends its own records; a damaged run.json is for `runs sync` to report
+        if not other.pending():
+            other.close()
+        elif other.info.get("tracking_uri") == uri:
+            logger.warning("MLflow run %s left unsent logging calls in %s; sending them first",
+                           other.info["run_id"], folder)
+            found.append((other, RecordSender(client, other.info["run_id"], folder)))
+        else:
+            logger.warning("MLflow run %s left unsent logging calls for %s in %s; send them with: pomvid runs "
+                           "sync %s", other.info["run_id"], other.info.get("tracking_uri"), folder, folder)
+            other.close()
+    return found
 
 
 def _resume(client: Any, run_id: str, uri: str) -> Any:
@@ -212,16 +282,14 @@ def _resume(client: Any, run_id: str, uri: str) -> Any:
         ) from err
     if run.info.lifecycle_stage == "deleted":
         raise TrackingError(f"cannot resume MLflow run {run_id!r} at {uri}: the run is deleted")
-    if run.info.status != "RUNNING":
-        client.update_run(run_id, status="RUNNING")
-    return run
+    return run  # marked RUNNING through the spool, after what earlier segments left unsent
 
 
-def _start_system_metrics(tracker: Tracker, run: Any, interval: float) -> Any:
+def _start_system_metrics(tracker: Tracker, recorded: dict[str, int], interval: float) -> Any:
     from pipeline.tracking.sysmetrics import PREFIX, SystemMetricsSampler
 
     # A resumed run continues its system metrics' step count instead of overwriting from 0.
-    steps = [m.step for m in getattr(run.data, "_metric_objs", []) if m.key.startswith(PREFIX)]
+    steps = [step for key, step in recorded.items() if key.startswith(PREFIX)]
     try:
         sampler = SystemMetricsSampler(
             lambda metrics, step: tracker.log_metrics(metrics, step),

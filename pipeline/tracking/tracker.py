@@ -1,13 +1,19 @@
 """The Tracker the trainer and the precompute job log through, and its no-op twin for other ranks.
 
-Every logging method returns at once: calls are queued for a background thread (pipeline.tracking.worker)
-that retries and, if MLflow stays away, drops them with a warning. Bad arguments (a non-number metric, a
-missing file) raise at the call site, since those are bugs in the caller, not outages. `end()` stops
-system metrics, plots every metric to `plots/<metric>.png`, flushes the queue and marks the run
-terminated.
+Every logging method writes one record to the run's spool (pipeline.tracking.spool, a local file) and
+returns: a background thread (pipeline.tracking.worker) sends the records to MLflow in order and keeps
+them while the server is away, so nothing is lost and training never waits on the network. Bad
+arguments (a non-number metric, a missing file) raise at the call site, since those are bugs in the
+caller, not outages. `end()` stops system metrics, plots every metric to `plots/<metric>.png`, records
+the run's status and sends what it can; whatever the server did not take stays in the spool for the
+run's next segment or `pomvid runs sync`.
+
+A run resumed from a checkpoint re-runs the steps after it: metric values at steps that earlier
+segments of the run already recorded are not logged again, so the MLflow history has each step once.
 
 Files given to `log_artifact` / `log_artifacts` are uploaded from where they are, later: keep them
-until `end()` (or `flush()`). `log_video` and `log_dict` snapshot their content at the call.
+until `end()`, or pass `snapshot=True` to have them copied into the spool at the call. `log_video` and
+`log_dict` always snapshot their content.
 """
 
 from __future__ import annotations
@@ -17,15 +23,16 @@ import json
 import logging
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pipeline.tracking.params import PARAMS_PER_BATCH, chunks, to_metrics, to_params, to_plain, to_tags
 from pipeline.tracking.plots import plot_metrics
-from pipeline.tracking.worker import LogWorker, Op
+from pipeline.tracking.send import RecordSender, count_unsent
+from pipeline.tracking.spool import Spool
+from pipeline.tracking.worker import SpoolWorker
 
 logger = logging.getLogger("pipeline.tracking")
 VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov", ".mkv")
@@ -52,11 +59,12 @@ class NullTracker:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (values become strings)."""
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Upload a file (or a folder's contents) under `artifact_path`."""
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None, *, snapshot: bool = False) -> None:
+        """Upload a file (or a folder's contents) under `artifact_path`; `snapshot`: copy it now (for
+        files that may change or go away before they are sent)."""
 
-    def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.log_artifact(path, artifact_path)
+    def log_artifacts(self, path: str | Path, artifact_path: str | None = None, *, snapshot: bool = False) -> None:
+        self.log_artifact(path, artifact_path, snapshot=snapshot)
 
     def log_dict(self, data: Any, name: str, artifact_path: str | None = None) -> None:
         """Upload `data` as JSON file `name`."""
@@ -101,89 +109,101 @@ class Tracker(NullTracker):
         tracking_uri: str,
         experiment_id: str,
         run_id: str,
+        spool: Spool,
+        recorded_steps: Mapping[str, int] | None = None,
         upload_checkpoints: bool = False,
         plots_at_end: bool = True,
         flush_timeout: float = 120.0,
+        end_grace_s: float = 5.0,
         worker_options: Mapping[str, Any] | None = None,
+        leftovers: Sequence[tuple[Spool, RecordSender]] = (),
+        remove_spool_when_sent: bool = False,
     ) -> None:
         self.client = client
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.run_id = run_id
+        self.spool = spool
         self.upload_checkpoints = upload_checkpoints
         self.plots_at_end = plots_at_end
         self.flush_timeout = flush_timeout
+        self.end_grace_s = end_grace_s
         self.system_metrics: Any = None  # a SystemMetricsSampler, set by start_run
-        self._staging = Path(tempfile.mkdtemp(prefix="pomvid-mlflow-"))
+        self._recorded = dict(recorded_steps or {})  # metric key -> last step earlier segments recorded
+        self._skipped_steps: set[int] = set()
         self._history: dict[str, list[tuple[int, float]]] = {}
         self._ended = False
-        self.worker = LogWorker(
-            target=tracking_uri, send_metrics=self._send_metrics, **(worker_options or {})
-        )
+        self._closed = False
+        self._remove_spool_when_sent = remove_spool_when_sent
+        spool.start_syncer()
+        self.worker = SpoolWorker(spool=spool, sender=RecordSender(client, run_id, spool.folder),
+                                  target=tracking_uri, leftovers=leftovers, **(worker_options or {}))
         atexit.register(self._at_exit)
 
-    # ---- sending (worker thread) --------------------------------------------------------------
-    def _send_metrics(self, metrics: list[Any]) -> None:
-        for part in chunks(metrics, 1000):
-            self.client.log_batch(self.run_id, metrics=list(part), synchronous=True)
-
-    def _submit(self, description: str, fn) -> None:
-        self.worker.submit(Op(description=description, fn=fn))
+    def _append(self, record: dict[str, Any]) -> None:
+        if self._closed:  # a caller logging after end(): a bug, but never one that stops training
+            logger.warning("MLflow run %s has ended; %s call after end() ignored", self.run_id, record["op"])
+            return
+        self.spool.append(record)
+        self.worker.wake()
 
     # ---- logging API ----------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, v) for k, v in to_params(params).items()]
+        items = list(to_params(params).items())
         for part in chunks(items, PARAMS_PER_BATCH):
-            self._submit(
-                f"log_params ({len(part)})",
-                lambda p=list(part): self.client.log_batch(self.run_id, params=p, synchronous=True),
-            )
+            self._append({"op": "params", "params": dict(part)})
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
         values = to_metrics(metrics)
+        step = int(step or 0)
+        if self._recorded:
+            kept = {k: v for k, v in values.items() if step > self._recorded.get(k, -1)}
+            if len(kept) < len(values):
+                self._note_rerun(step)
+            values = kept
         if not values:
             return
-        step = int(step or 0)
         now = int(time.time() * 1000)  # the time of the call, not of the (later) upload
         for key, value in values.items():
             if not key.startswith("system/"):  # kept for end-of-run plots, which skip system metrics
                 self._history.setdefault(key, []).append((step, value))
-        self.worker.submit(
-            Op(description="log_metrics", metrics=[Metric(k, v, now, step) for k, v in values.items()])
-        )
+        self._append({"op": "metrics", "t": now, "metrics": [[k, v, step] for k, v in values.items()]})
+
+    def _note_rerun(self, step: int) -> None:
+        if not self._skipped_steps:
+            logger.warning(
+                "MLflow run %s continues an earlier segment that recorded metrics up to step %d: values at steps "
+                "it already recorded (re-run since the checkpoint) are not logged again",
+                self.run_id, max(self._recorded.values()))
+        self._skipped_steps.add(step)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, v) for k, v in to_tags(tags).items()]
+        items = list(to_tags(tags).items())
         for part in chunks(items, PARAMS_PER_BATCH):
-            self._submit(
-                f"set_tags ({len(part)})",
-                lambda t=list(part): self.client.log_batch(self.run_id, tags=t, synchronous=True),
-            )
+            self._append({"op": "tags", "tags": dict(part)})
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None, *, snapshot: bool = False) -> None:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"artifact {path} does not exist; write it before logging it")
+        if not snapshot:
+            self._append({"op": "artifact", "path": str(path.resolve()), "artifact_path": artifact_path})
+            return
+        copy = self.spool.snapshot_dir() / path.name
         if path.is_dir():
-            fn = lambda: self.client.log_artifacts(self.run_id, str(path), artifact_path)  # noqa: E731
+            shutil.copytree(path, copy)
         else:
-            fn = lambda: self.client.log_artifact(self.run_id, str(path), artifact_path)  # noqa: E731
-        self._submit(f"log_artifact {path.name}", fn)
+            shutil.copy2(path, copy)
+        self._append_snapshot(copy, artifact_path)
 
-    def _stage(self, name: str) -> Path:
-        folder = Path(tempfile.mkdtemp(dir=self._staging))
-        return folder / name
+    def _append_snapshot(self, copy: Path, artifact_path: str | None) -> None:
+        self._append({"op": "artifact", "path": copy.relative_to(self.spool.folder).as_posix(), "snapshot": True,
+                      "artifact_path": artifact_path})
 
     def log_dict(self, data: Any, name: str, artifact_path: str | None = None) -> None:
-        target = self._stage(name)
+        target = self.spool.snapshot_dir() / name
         target.write_text(json.dumps(to_plain(data), indent=2, sort_keys=True, default=str) + "\n")
-        self.log_artifact(target, artifact_path)
+        self._append_snapshot(target, artifact_path)
 
     def log_video(self, path: str | Path, *, step: int | None = None, artifact_path: str = "samples") -> None:
         path = Path(path)
@@ -192,10 +212,8 @@ class Tracker(NullTracker):
         if not path.is_file():
             raise FileNotFoundError(f"log_video: video {path} does not exist; write it before logging it")
         # Snapshot: samplers often rewrite the same file name at every evaluation.
-        copy = self._stage(path.name)
-        shutil.copy2(path, copy)
         folder = f"{artifact_path}/step_{int(step):08d}" if step is not None else artifact_path
-        self.log_artifact(copy, folder)
+        self.log_artifact(path, folder, snapshot=True)
 
     def log_deepspeed_config(self, ds_config: Mapping[str, Any]) -> None:
         self.log_params({"deepspeed": to_plain(ds_config)})
@@ -211,6 +229,7 @@ class Tracker(NullTracker):
             }
         )
         if self.upload_checkpoints if upload is None else upload:
+            # Not copied (checkpoints are large): one pruned before it was sent is reported, not sent.
             self.log_artifact(path, f"checkpoints/step_{int(step):08d}")
 
     def log_precompute_summary(self, **summary: Any) -> None:
@@ -218,8 +237,12 @@ class Tracker(NullTracker):
 
         log_precompute_summary(self, **summary)
 
+    def set_status(self, status: str) -> None:
+        """Record a status change ("RUNNING" when a run continues; end() records the final one)."""
+        self._append({"op": "status", "status": status, "t": int(time.time() * 1000)})
+
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything logged so far was sent (or dropped); False if `timeout` ran out."""
+        """Wait until everything logged so far was sent; False if `timeout` ran out first."""
         return self.worker.flush(timeout)
 
     # ---- end ------------------------------------------------------------------------------------
@@ -248,26 +271,30 @@ class Tracker(NullTracker):
         atexit.unregister(self._at_exit)
         if self.system_metrics is not None:
             self.system_metrics.stop()
+        grace = self.end_grace_s
         if self.plots_at_end and self._history:
-            self.worker.flush(self.flush_timeout)
+            if not self.worker.flush(self.flush_timeout, down_grace_s=grace):
+                grace = 0.0  # the server failed for the whole grace period already: do not wait twice
             try:
                 histories = self._metric_histories()
                 label = self.run_id[:8]
-                paths = plot_metrics({k: {label: v} for k, v in histories.items()}, self._staging / "plots")
-                if paths:
-                    self.log_artifact(self._staging / "plots", "plots")
+                folder = self.spool.snapshot_dir() / "plots"
+                if plot_metrics({k: {label: v} for k, v in histories.items()}, folder):
+                    self._append_snapshot(folder, "plots")
             except Exception as err:  # noqa: BLE001 - plots are a nicety; never fail the run over them
                 logger.warning("metric plots failed: %s: %s", type(err).__name__, err)
-        self._submit(f"set_terminated {status}", lambda: self.client.set_terminated(self.run_id, status))
-        self.worker.close(self.flush_timeout)
-        if self.worker.dropped_total:
+        self.set_status(status)
+        self.spool.sync()
+        sent = self.worker.close(self.flush_timeout, grace)
+        if not sent:
             logger.warning(
-                "MLflow run %s at %s: %d logging calls were dropped in total (see earlier warnings)",
-                self.run_id,
-                self.tracking_uri,
-                self.worker.dropped_total,
-            )
-        shutil.rmtree(self._staging, ignore_errors=True)
+                "MLflow run %s: %d logging calls were not sent to %s (unreachable); they are kept in %s. Send "
+                "them with: pomvid runs sync %s", self.run_id, count_unsent(self.spool), self.tracking_uri,
+                self.spool.folder, self.spool.folder)
+        self._closed = True
+        self.spool.close()
+        if sent and self._remove_spool_when_sent:
+            shutil.rmtree(self.spool.folder.parent, ignore_errors=True)
 
     def _at_exit(self) -> None:
         # A forgotten end(): mark the run from how the interpreter is exiting.

@@ -103,5 +103,41 @@ def run(args: argparse.Namespace) -> int:
         trainer.close(status)
 
 
+# -- Ray Train restarts (jobs/train_ray.py) --------------------------------------------------------------
+
+
+def checked_resume_args(train_args: list[str]) -> list[str]:
+    """The trainer's arguments for Ray Train workers, checked once where the job is submitted: bad
+    arguments or config raise (SystemExit, ConfigError) before any worker starts, and `--resume none`
+    on an output folder without checkpoints becomes `--resume auto`, so a worker group that Ray Train
+    restarts after a worker died continues from the newest checkpoint instead of refusing the folder."""
+    from pathlib import Path
+
+    from pipeline.train.build import resolve_resume
+
+    args = build_parser().parse_args(train_args)
+    config = config_from_args(args)
+    if args.resume != "none":
+        return list(train_args)
+    resolve_resume("none", Path(config.train.output_dir) / "checkpoints")  # ConfigError when it has some
+    return [*train_args, "--resume", "auto"]  # argparse keeps the last value
+
+
+def resume_after_restart(args: argparse.Namespace) -> str:
+    """A Ray Train worker's --resume: a checkpoint FOLDER given at submission until this job has written
+    a newer checkpoint into its output folder (a restarted group continues from that one)."""
+    from pathlib import Path
+
+    from pipeline.train import checkpoint as ckpt
+    from pipeline.train.build import resolve_resume
+
+    if args.resume in ("none", "auto"):
+        return args.resume
+    root = Path(config_from_args(args).train.output_dir) / "checkpoints"
+    latest, given = ckpt.find_latest(root), resolve_resume(args.resume, root)
+    newer = latest is not None and ckpt.read_state(latest)["step"] > ckpt.read_state(given)["step"]
+    return "auto" if newer else args.resume
+
+
 if __name__ == "__main__":
     sys.exit(run(build_parser().parse_args()))

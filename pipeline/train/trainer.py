@@ -28,6 +28,7 @@ from pipeline.parallel.dims import ParallelDims
 from pipeline.parallel.loss import deepspeed_loss_factor, sequence_parallel_loss
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.distributed import DistInfo, all_reduce_sum, barrier
+from pipeline.train.faults import pause_point
 from pipeline.train.inputs import MicroBatch, prepare_micro_batch
 from pipeline.train.metrics import StepMeter
 
@@ -213,6 +214,7 @@ class Trainer:
         # Sum of the SP shares, mean over DP groups: the loss single-process training would report.
         global_loss = all_reduce_sum(loss.detach().float()) / self.dims.dp
         finite = bool(torch.isfinite(global_loss).item())
+        pause_point(self.step + 1, self.info.rank)  # fault injection for tests (POMVID_FAULT_PAUSE); else a no-op
         # NaN poisons every rank's gradients, so DeepSpeed skips the optimizer step everywhere.
         self.engine.backward(loss * (self.loss_factor if finite else float("nan")))
         self.engine.step()  # the optimizer step happens at the accumulation boundary

@@ -3,7 +3,11 @@ users submit them: `ray job submit` and `pomvid submit`."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +86,51 @@ def test_training_job_on_two_ray_train_workers(ray_cluster, tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.params["layout.world_size"] == "2" and runs[0].data.params["layout.dp"] == "2"
     assert "train/loss" in runs[0].data.metrics
+
+
+def test_training_job_survives_a_killed_worker(ray_cluster, tmp_path):
+    """Ray Train worker 1 is SIGKILLed inside step 5 (held there by the trainer's fault hook, found by the pid
+    it writes): Ray Train restarts the group, which resumes from the step-3 checkpoint by itself; the
+    job succeeds with the samples and losses of the uninterrupted reference run, one MLflow run, each step
+    once."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.train.faults import PAUSE_ENV
+    from tests.deepspeed_launch import common_args, read_steps
+    from tests.integration import train_runs
+
+    out, db, faults, log = tmp_path / "run", tmp_path / "mlflow.db", tmp_path / "faults", tmp_path / "job.log"
+    train_args = common_args(train_runs.data(), out, steps=6)
+    tracking = train_args.index("--tracking")
+    train_args[tracking:tracking + 2] = ["--tracking-uri", f"sqlite:///{db}", "--experiment", "ray-restart",
+                                         "--set", "train.log_every=1"]
+    env = dict(ray_cluster.env, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    command = [*POMVID, "submit", "train", "--address", ray_cluster.address, "--follow", "--env", "DS_ACCELERATOR=cpu",
+               "--env", "OMP_NUM_THREADS=1", "--env", f"{PAUSE_ENV}=1:5:{faults}", "--", "--workers", "2",
+               "--cpus-per-worker", "1", "--max-failures", "1", "--", *train_args]
+    with open(log, "w") as handle:
+        job = subprocess.Popen(command, env=env, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while not (faults / "reached_step_5").exists():
+            assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-6000:]
+            time.sleep(0.5)
+        os.kill(int((faults / "reached_step_5").read_text()), signal.SIGKILL)  # the worker, mid-step
+        assert job.wait(timeout=900) == 0, log.read_text()[-6000:]
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    text = log.read_text()
+    assert "ended: SUCCEEDED" in text and "resumed from" in text and "step_00000003" in text, text[-6000:]
+    reference, steps = read_steps(train_runs.run("reference")), read_steps(out)
+    for step in range(1, 7):
+        assert steps[step]["indices"] == reference[step]["indices"], f"step {step}"
+        assert steps[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-4), f"step {step}"
+    runs = _mlflow_runs(db, "ray-restart")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    history = MlflowClient(tracking_uri=f"sqlite:///{db}").get_metric_history(runs[0].info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
 
 
 def test_precompute_job_submitted_with_ray_job_submit(ray_cluster, tmp_path):

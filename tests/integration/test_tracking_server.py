@@ -1,6 +1,8 @@
 """pipeline.tracking against a real `mlflow server` (SQLite backend, 127.0.0.1, free port), read back with
-MlflowClient; `pomvid runs list/compare` on those runs; a server killed mid-run; rank-0-only logging
-across processes; an unreachable server at start; the embedded SQLite store."""
+MlflowClient; `pomvid runs list/compare` on those runs; a server down until a run ended (`pomvid runs
+sync`) and a run killed during the outage (resumed); rank-0-only logging across processes; an
+unreachable server at start; the embedded SQLite store. A server killed and restarted while training
+goes on: tests/integration/test_train_faults_tracked.py."""
 
 from __future__ import annotations
 
@@ -204,47 +206,94 @@ def test_runs_list_and_compare(mlflow_server, tmp_path, capsys):
     assert "no-such-run" in capsys.readouterr().err
 
 
-def test_server_killed_mid_run_logging_survives(mlflow_server_factory, caplog):
+KILLED_RUN = """
+import sys, time
+from pipeline.tracking import start_run
+tracker = start_run(config={"recipe": "killed"}, tracking_uri=sys.argv[1], experiment="killed", output_dir=sys.argv[2],
+                    system_metrics=False)
+print(tracker.run_id, flush=True)
+for step in range(5):
+    tracker.log_metrics({"loss": float(step)}, step=step)
+assert tracker.flush(60)
+print("sent", flush=True)
+sys.stdin.readline()  # the test kills the server meanwhile
+for step in range(5, 10):
+    tracker.log_metrics({"loss": float(step)}, step=step)
+tracker.log_params({"late": 1})
+print("spooled", flush=True)
+time.sleep(600)  # SIGKILLed here: no end()
+"""
+
+
+def test_outage_until_the_end_and_a_killed_run_lose_nothing(mlflow_server_factory, tmp_path, capsys, caplog):
+    """One server outage, two runs: `ended` ends while the server is down and `pomvid runs sync` completes
+    it (twice: nothing twice); `killed` is SIGKILLed during the outage, its spool ends in a record cut in
+    the middle of its write, and its resumed run sends the leftovers first and skips the cut record."""
     server = mlflow_server_factory()
-    tracker = start_run(
-        config=CONFIG, tracking_uri=server.uri, experiment="crash", system_metrics_interval=0.5
-    )
-    run_id = tracker.run_id
-    for step in range(5):
-        tracker.log_metrics({"loss": 1.0}, step=step)
-    assert tracker.flush(30)
+    ended_dir, killed_dir = tmp_path / "ended", tmp_path / "killed"
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_RUN, server.uri, str(killed_dir)], cwd=ROOT, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        ended = start_run(config=CONFIG, tracking_uri=server.uri, experiment="ended", output_dir=ended_dir,
+                          system_metrics=False)
+        ended.log_metrics({"loss": 1.0}, step=0)
+        assert ended.flush(30)
+        killed_id = killed.stdout.readline().strip()
+        assert killed.stdout.readline().strip() == "sent", killed.stderr.read() if killed.poll() is not None else ""
 
-    server.kill()
-    slowest = 0.0
-    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
-        for step in range(5, 40):
-            start = time.perf_counter()
-            tracker.log_metrics({"loss": 2.0}, step=step)
-            tracker.log_params({f"late.{step}": step})
-            slowest = max(slowest, time.perf_counter() - start)
-            time.sleep(0.1)
-        down = [r for r in caplog.records if "dropping logging calls" in r.getMessage()]
-        assert len(down) == 1, [r.getMessage() for r in caplog.records]  # one warning per outage
-        assert [r.name for r in caplog.records if r.levelno >= logging.WARNING] == ["pipeline.tracking"]
-        assert server.uri in down[0].getMessage()
-        assert slowest < 0.2  # the trainer never waits on the dead server
+        server.kill()
+        killed.stdin.write("\n")
+        killed.stdin.flush()
+        video = tmp_path / "sample.mp4"
+        video.write_bytes(b"\x00\x00\x00\x18ftypmp42 fake mp4")
+        with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+            for step in range(1, 10):
+                ended.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+            ended.log_params({"late": "yes"})
+            ended.log_video(video, step=9)
+            ended.log_checkpoint(ended_dir / "checkpoints" / "step_00000009", step=9)
+            ended.end()  # the server is still down
+        assert any("pomvid runs sync" in r.getMessage() for r in caplog.records), caplog.text
+        assert killed.stdout.readline().strip() == "spooled"
+    finally:
+        killed.kill()  # SIGKILL: a crash while the server is away
+        killed.wait()
+    with open(killed_dir / "mlflow_spool" / killed_id / "log-000001.jsonl", "ab") as handle:
+        handle.write(b'0badc0de {"metrics":[["loss",99.0,10]],"op":"met')  # the write the kill cut short
 
-        server.start()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not any("is back;" in r.getMessage() for r in caplog.records):
-            tracker.log_metrics({"loss": 3.0}, step=100)
-            time.sleep(0.5)
-        tracker.log_metrics({"loss": 4.0}, step=200)
-        tracker.end()
-    back = [r.getMessage() for r in caplog.records if "is back;" in r.getMessage()]
-    assert len(back) == 1 and "were dropped" in back[0]
-
+    server.start()  # the same port and store
     client = MlflowClient(server.uri)
-    run = client.get_run(run_id)
-    history = _history(client, run_id, "loss")
-    assert history[:5] == [(s, 1.0) for s in range(5)]
-    assert (200, 4.0) in history  # logging resumed after the restart
+    assert client.get_run(ended.run_id).info.status == "RUNNING" and len(_history(client, ended.run_id, "loss")) == 1
+    assert pomvid(["runs", "sync", str(ended_dir)]) == 0
+    report = capsys.readouterr().out
+    assert ended.run_id in report and "9 metric values" in report and "status FINISHED" in report, report
+    run = client.get_run(ended.run_id)
     assert run.info.status == "FINISHED"
+    assert _history(client, ended.run_id, "loss") == [(0, 1.0)] + [(s, 1.0 / (s + 1)) for s in range(1, 10)]
+    assert run.data.params["late"] == "yes" and run.data.params["model.width"] == "64"
+    assert run.data.tags["checkpoint.latest_step"] == "9"
+    artifacts = _artifacts(client, ended.run_id)
+    for expected in ("config.json", "samples/step_00000009/sample.mp4", "plots/loss.png"):
+        assert expected in artifacts, artifacts
+    assert pomvid(["runs", "sync", str(ended_dir)]) == 0  # idempotent: nothing is logged twice
+    assert "nothing to send" in capsys.readouterr().out
+    assert len(_history(client, ended.run_id, "loss")) == 10
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+        resumed = start_run(config={"recipe": "killed"}, tracking_uri=server.uri, experiment="killed",
+                            output_dir=killed_dir, run_id=killed_id, system_metrics=False)
+        for step in range(8, 12):  # resumed from a checkpoint at step 7: steps 8 and 9 run again
+            resumed.log_metrics({"loss": float(step)}, step=step)
+        resumed.end()
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum("cut off" in m for m in messages) == 1, messages
+    assert any("not sent yet" in m for m in messages) and any("not logged again" in m for m in messages)
+    run = client.get_run(killed_id)
+    assert _history(client, killed_id, "loss") == [(s, float(s)) for s in range(12)]  # every step, once
+    assert run.data.params["late"] == "1" and run.info.status == "FINISHED"
+    assert run.data.tags["pomvid.resume_count"] == "1"
 
 
 def test_only_rank_zero_logs(mlflow_server, tmp_path):

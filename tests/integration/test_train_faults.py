@@ -12,11 +12,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 
-import psutil
 import pytest
 
 from pipeline.data.load.loader import LatentDataset, LatentLoader
@@ -24,26 +21,18 @@ from pipeline.train import checkpoint as ckpt
 from tests.deepspeed_launch import (
     common_args,
     cpu_env,
+    kill_rank,
     launch,
     output_of,
     read_steps,
     start_launch,
+    stop_launch,
     train_cli,
     write_latents,
 )
 from tests.integration import train_runs
 
 pytestmark = pytest.mark.slow
-
-
-def _rank_process(launcher: psutil.Process, local_rank: int) -> psutil.Process | None:
-    for child in launcher.children(recursive=True):
-        try:
-            if f"--local_rank={local_rank}" in child.cmdline():
-                return child
-        except psutil.NoSuchProcess:
-            continue
-    return None
 
 
 def test_rank_killed_mid_save_then_resume_auto(tmp_path):
@@ -58,14 +47,9 @@ def test_rank_killed_mid_save_then_resume_auto(tmp_path):
             assert time.time() < deadline, "the step-4 checkpoint never started"
             time.sleep(0.2)
         assert not (held / ckpt.COMPLETE).exists()
-        victim = _rank_process(psutil.Process(proc.pid), 1)
-        assert victim is not None, "rank 1 not found among the launcher's processes"
-        os.kill(victim.pid, signal.SIGKILL)
-        code = proc.wait(timeout=180)
+        code = kill_rank(proc, 1)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_launch(proc)
     assert code != 0, "the launcher reported success although a rank was killed"
     assert ckpt.find_latest(out / "checkpoints") == out / "checkpoints" / "step_00000002"
     assert not ckpt.is_complete(held)
