@@ -201,35 +201,33 @@ def measure_loop(config) -> Row:
     before the clock starts)."""
     import shutil
 
-    from pipeline.data.precompute.run import build_output_manifest, describe_text, describe_vae
-    from pipeline.data.precompute.stages import (
-        TextStage,
-        VAEStage,
-        decode_units,
-        make_work_units,
-        unit_to_row,
-        write_units,
-    )
-    from pipeline.data.source.manifest import load_records
+    import pyarrow.parquet as pq
+
+    from pipeline.data.precompute.run import describe_text, describe_vae, unit_settings_hash
+    from pipeline.data.precompute.stages import TextStage, VAEStage, decode_units, write_units
+    from pipeline.data.source.plan import plan_run
 
     shutil.rmtree(config.output, ignore_errors=True)
-    records = load_records(config.manifest)
+    plan = plan_run(config.manifest, rows_per_unit=config.rows_per_work_unit, settings_hash=unit_settings_hash(config),
+                    finished=[], write_to=config.output)
     vae = describe_vae(config.vae, config.vae_build_kwargs(), config.buckets)
     text = describe_text(config.text_encoder, config.text_build_kwargs())
-    settings = build_output_manifest(config, vae, text, len(records))["settings_hash"]
     encode = VAEStage(kind=config.vae, build_kwargs=config.vae_build_kwargs(), fingerprint=vae["fingerprint"],
                       batch_size=config.vae_batch_size, num_cpus=1)
     embed = TextStage(kind=config.text_encoder, build_kwargs=config.text_build_kwargs(),
                       fingerprint=text["fingerprint"], batch_size=config.text_batch_size, num_cpus=1)
+    keys = [b.name for b in config.bucket_table()]
 
     def run() -> int:
         clips = 0
-        for unit in make_work_units(records, rows_per_unit=config.rows_per_work_unit, settings_hash=settings):
-            batch = {k: np.array([v]) for k, v in unit_to_row(unit).items()}
-            batch = decode_units(batch, buckets=config.buckets, fps=config.fps,
-                                 clips_per_video=config.clips_per_video, backend=config.decode_backend)
-            done = write_units(embed(encode(batch)), output=config.output, storage_dtype=config.storage_dtype)
-            clips += int(done["clips"].sum())
+        for file in plan.plan_files:
+            units = pq.read_table(file)
+            for i in range(units.num_rows):
+                batch = decode_units(units.slice(i, 1), buckets=config.buckets, fps=config.fps,
+                                     clips_per_video=config.clips_per_video, backend=config.decode_backend)
+                done = write_units(embed(encode(batch)), output=config.output, storage_dtype=config.storage_dtype,
+                                   bucket_keys=keys)
+                clips += sum(done.column("rows").to_pylist())
         return clips
 
     clips, wall, cpu = _timed(run)

@@ -87,8 +87,14 @@ def run(args) -> int:
 
     try:
         config = config_from_args(args)
+        if config.plan_only:  # counts only: no MLflow run, nothing written to the output
+            summary = run_precompute(config)
+            if args.summary_json:
+                with open(args.summary_json, "w") as f:
+                    json.dump(summary, f, indent=2)
+            return 0
         tracker = _start_tracking(args, config)
-    except (ValueError, ManifestError, TrackingError) as err:
+    except (ValueError, ManifestError, TrackingError, PrecomputeError) as err:
         print(f"pomvid precompute: {err}", file=sys.stderr)
         return 2
     status = "FAILED"

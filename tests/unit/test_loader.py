@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -178,7 +180,13 @@ def test_bad_arguments_and_outputs_fail_clearly(store, tmp_path):
     with pytest.raises(ShardError, match="did not finish; run the same precompute command again"):
         LatentDataset(tmp_path)
     manifest["buckets"] = [{"key": B}, {"key": A}]
-    manifest["shards"][0]["buckets"] = {B: 1, A: 1}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    index = pq.read_table(tmp_path / "index.parquet")
+    pq.write_table(index.set_column(4, "clips_per_bucket", pa.array([[1, 1], [0, 1]], pa.list_(pa.int64()))),
+                   tmp_path / "index.parquet")
     with pytest.raises(ShardError, match="modified after precompute"):
         LatentDataset(tmp_path)[0]
+    pq.write_table(index.set_column(4, "clips_per_bucket", pa.array([[2, 1], [0, 1]], pa.list_(pa.int64()))),
+                   tmp_path / "index.parquet")
+    with pytest.raises(ShardError, match="do not match its 2 rows"):
+        LatentDataset(tmp_path)

@@ -1,8 +1,8 @@
 """The latent loader: bucketed, deterministic, data-parallel batches from precomputed shards.
 
-`LatentDataset(root)` indexes the samples of a finished precompute output from manifest.json alone
-(per-shard bucket counts; rows are sorted by bucket inside a shard) and reads one row at a time,
-memory-mapped, when a sample is asked for.
+`LatentDataset(root)` indexes the samples of a finished precompute output from manifest.json and
+index.parquet alone (per-shard bucket counts, read with pyarrow; rows are sorted by bucket inside a
+shard) and reads one row at a time, memory-mapped, when a sample is asked for.
 
 `LatentLoader` turns it into batches. Per epoch, the plan is a fixed list of *global* batches, each
 from one bucket: every bucket's samples are shuffled with a generator seeded by (seed, epoch, bucket),
@@ -23,9 +23,11 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.data.store.index import read_index
 from pipeline.data.store.shards import ShardError, bytes_to_tensor, read_output_manifest
 
 STATE_VERSION = 1
@@ -46,26 +48,31 @@ class LatentDataset:
             )
         self.manifest = manifest
         self.bucket_keys: list[str] = [b["key"] for b in manifest["buckets"]]
-        self.shard_files: list[Path] = [self.root / s["file"] for s in manifest["shards"]]
-        shard_of, row_of, bucket_of = [], [], []
-        for s, shard in enumerate(manifest["shards"]):
-            counts = shard.get("buckets", {})
-            unknown = set(counts) - set(self.bucket_keys)
-            if unknown or sum(counts.values()) != shard["rows"]:
-                raise ShardError(
-                    f"{self.root}/manifest.json: shard {shard['file']} has bucket counts {counts} that do not "
-                    f"match its {shard['rows']} rows or the bucket table; run precompute again with --overwrite"
-                )
-            row = 0
-            for b, key in enumerate(self.bucket_keys):  # rows are sorted by bucket-table order
-                n = counts.get(key, 0)
-                shard_of += [s] * n
-                row_of += range(row, row + n)
-                bucket_of += [b] * n
-                row += n
-        self._shard_of = np.asarray(shard_of, dtype=np.int64)
-        self._row_of = np.asarray(row_of, dtype=np.int64)
-        self._bucket_of = np.asarray(bucket_of, dtype=np.int64)
+        index = read_index(self.root, columns=["file", "rows", "clips_per_bucket"])
+        self.shard_files: list[Path] = [self.root / f for f in index.column("file").to_pylist()]
+        rows = np.asarray(index.column("rows"), dtype=np.int64)  # (S,)
+        n_buckets = len(self.bucket_keys)
+        counts = np.asarray(pc.list_flatten(index.column("clips_per_bucket")), dtype=np.int64)
+        lengths = np.asarray(pc.list_value_length(index.column("clips_per_bucket")), dtype=np.int64)
+        bad = np.flatnonzero(lengths != n_buckets)
+        if not len(bad):
+            bad = np.flatnonzero(counts.reshape(len(rows), n_buckets).sum(axis=1) != rows)
+        if len(bad):
+            s = int(bad[0])
+            raise ShardError(
+                f"{self.root}/index.parquet: shard {self.shard_files[s].name} has bucket counts "
+                f"{index.column('clips_per_bucket')[s].as_py()} that do not match its {rows[s]} rows or the "
+                f"{n_buckets} buckets of manifest.json; run precompute again with --overwrite"
+            )
+        counts = counts.reshape(len(rows), n_buckets)  # (S, B); rows are sorted by bucket-table order
+        # Sample i lives in shard _shard_of[i], row _row_of[i], bucket _bucket_of[i]: built column-wise,
+        # so 10M samples index in well under a second.
+        self._shard_of = np.repeat(np.arange(len(rows)), rows)
+        self._bucket_of = np.repeat(np.tile(np.arange(n_buckets), len(rows)), counts.reshape(-1))
+        self._row_of = np.arange(len(self._shard_of)) - np.repeat(np.cumsum(rows) - rows, rows)
+        self._index_digest = hashlib.sha256(
+            json.dumps([self.bucket_keys, index.column("file").to_pylist()]).encode() + counts.tobytes()
+        ).hexdigest()[:16]
         self._by_bucket = {
             key: idx for b, key in enumerate(self.bucket_keys) if len(idx := np.flatnonzero(self._bucket_of == b))
         }
@@ -82,8 +89,7 @@ class LatentDataset:
 
     def fingerprint(self) -> str:
         """Identifies the sample index (shards, their rows and buckets): a resume must see the same one."""
-        shards = [(s["file"], s["rows"], sorted(s.get("buckets", {}).items())) for s in self.manifest["shards"]]
-        return hashlib.sha256(json.dumps([self.bucket_keys, shards]).encode()).hexdigest()[:16]
+        return self._index_digest
 
     def _open(self, s: int):
         if os.getpid() != self._pid:  # forked (DataLoader worker): file handles must not be shared

@@ -88,6 +88,9 @@ class PrecomputeConfig:
     validation_prompts: str | None = None
     """Text file, one prompt per line: their embeddings are stored in text_conditioning.safetensors
     beside the null caption's (always stored), for validation samples without a text encoder."""
+    plan_only: bool = False
+    """Only plan: read the manifest, make the work units, find the finished ones, print the counts;
+    nothing is decoded, no encoder loaded, no Ray started."""
     overwrite: bool = False
     """Delete an existing output made with other encoders, buckets or settings instead of refusing."""
     ray_address: str | None = None

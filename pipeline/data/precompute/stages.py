@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from pipeline.data.source.manifest import VideoRecord
 from pipeline.data.store.shards import (
     ShardRow,
     errors_path,
+    relative_shard_file,
     shard_path,
     shard_table,
     write_jsonl_atomic,
@@ -31,38 +32,6 @@ from pipeline.data.store.shards import (
 
 def stable_hash(obj, length: int = 16) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:length]
-
-
-@dataclass(frozen=True, kw_only=True)
-class WorkUnit:
-    """A few consecutive manifest rows; one shard. Its id depends on its videos and the settings only."""
-
-    unit_id: str
-    """hash of (settings, every video's path, window, caption); names the shard file."""
-    index: int
-    """Position among the run's work units (manifest order)."""
-    videos: tuple[tuple[str, VideoRecord], ...]
-    """(video id, record) per manifest row."""
-
-
-def make_work_units(records: list[VideoRecord], *, rows_per_unit: int, settings_hash: str) -> list[WorkUnit]:
-    """Cut the records, in manifest order, into units; appending rows leaves earlier units unchanged."""
-    seen: dict[tuple, int] = {}
-    keyed = []
-    for r in records:
-        key = (r.path, r.start, r.end, r.caption)
-        occurrence = seen[key] = seen.get(key, -1) + 1  # the n-th identical row stays distinct
-        keyed.append((stable_hash([settings_hash, *key, occurrence]), r))
-    units = []
-    for index, first in enumerate(range(0, len(keyed), rows_per_unit)):
-        videos = tuple(keyed[first:first + rows_per_unit])
-        units.append(WorkUnit(unit_id=stable_hash([settings_hash, [v for v, _ in videos]], 20), index=index,
-                              videos=videos))
-    return units
-
-
-def unit_to_row(unit: WorkUnit) -> dict:
-    return {"unit_id": unit.unit_id, "videos": json.dumps([[v, asdict(r)] for v, r in unit.videos])}
 
 
 def _flat(arrays: list[np.ndarray]) -> np.ndarray:
@@ -76,20 +45,26 @@ def _objects(items: list) -> np.ndarray:
     return out
 
 
-def decode_units(batch: dict, *, buckets: str, fps: float, clips_per_video: int, backend: str) -> dict:
-    """Probe, plan and decode every video of each unit; failures become error entries, never exceptions."""
+def decode_units(batch, *, buckets: str, fps: float, clips_per_video: int, backend: str,
+                 source: str = "") -> dict:
+    """Probe, plan and decode every video of each unit; failures become error entries, never exceptions.
+
+    `batch`: units as the plan stores them (pipeline/data/source/plan.py PLAN_SCHEMA), a pyarrow table."""
     from pipeline.data.decode.buckets import parse_buckets
     from pipeline.data.decode.container import DecodeError, probe
     from pipeline.data.decode.video import decode_clips, plan_clips
+    from pipeline.data.source.plan import unit_video_id
 
     table = parse_buckets(buckets)
     order = {b.name: i for i, b in enumerate(table)}
     out = {"unit_id": [], "meta": [], "video": []}
-    for unit_id, videos_json in zip(batch["unit_id"], batch["videos"]):
+    for unit_id, videos in zip(batch.column("unit_id").to_pylist(), batch.column("videos").to_pylist()):
         clips, errors, arrays = [], [], []
-        videos = json.loads(videos_json)
-        for row_in_unit, (video_id, fields) in enumerate(videos):
-            record = VideoRecord(**fields)
+        for row_in_unit, fields in enumerate(videos):
+            video_id = unit_video_id(unit_id, row_in_unit)
+            record = VideoRecord(path=os.path.normpath(os.path.expanduser(fields["path"])), caption=fields["caption"],
+                                 start=fields["start"], end=fields["end"], source_row=fields["source_row"],
+                                 source=source)
             try:
                 plans = plan_clips(record, probe(record.path), table, fps, clips_per_video)
                 bucket = plans[0].bucket  # one video, one bucket; its clips share one decoding pass
@@ -223,9 +198,14 @@ class TextStage:
                 "text": _objects(texts)}
 
 
-def write_units(batch: dict, *, output: str, storage_dtype: str) -> dict:
-    """Write each unit's errors file, then its shard (the shard's existence marks the unit done)."""
-    out = {"unit_id": [], "videos": [], "clips": [], "failures": [], "written_at": []}
+def write_units(batch: dict, *, output: str, storage_dtype: str, bucket_keys: list[str]):
+    """Write each unit's errors file, then its shard (the shard's existence marks the unit done);
+    returns the units' index rows (pipeline/data/store/index.py INDEX_SCHEMA) plus written_at."""
+    import pyarrow as pa
+
+    from pipeline.data.store.index import INDEX_SCHEMA, index_table
+
+    cols: dict[str, list] = {name: [] for name in INDEX_SCHEMA.names}
     for unit_id, meta_json, latent, text in zip(batch["unit_id"], batch["meta"], batch["latent"], batch["text"]):
         meta = json.loads(meta_json)
         rows, lat_off, txt_off = [], 0, 0
@@ -252,9 +232,12 @@ def write_units(batch: dict, *, output: str, storage_dtype: str) -> dict:
             errors_path(output, unit_id).unlink(missing_ok=True)
         shard_meta = {"unit_id": unit_id, "videos": meta["videos"], "buckets": buckets, "failures": failures}
         write_shard(shard_path(output, unit_id), shard_table(rows, storage_dtype=storage_dtype, metadata=shard_meta))
-        out["unit_id"].append(unit_id)
-        out["videos"].append(meta["videos"])
-        out["clips"].append(len(rows))
-        out["failures"].append(json.dumps(failures))
-        out["written_at"].append(time.time())
-    return {k: np.array(v) for k, v in out.items()}
+        cols["file"].append(relative_shard_file(unit_id))
+        cols["unit_id"].append(str(unit_id))
+        cols["rows"].append(len(rows))
+        cols["videos"].append(meta["videos"])
+        cols["clips_per_bucket"].append([buckets.get(k, 0) for k in bucket_keys])
+        cols["failures"].append([{"reason": r, "count": n} for r, n in sorted(failures.items())])
+        cols["long_captions"].append(0)
+    table = index_table(cols)
+    return table.append_column("written_at", pa.array([time.time()] * table.num_rows, pa.float64()))
