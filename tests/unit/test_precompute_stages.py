@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -93,6 +94,7 @@ def test_stages_in_one_process_write_a_shard_and_errors(setup, test_videos, tmp_
     batch = pq.read_table(plan.plan_files[0])
     decoded = decode_units(batch, buckets=BUCKETS, fps=8.0, clips_per_video=2, backend="auto")
     meta = json.loads(decoded["meta"][0])
+    assert decoded["video"][0].dtype == np.uint8  # what crosses the object store: a quarter of float32
     assert [e["reason"] for e in meta["errors"]] == ["missing", "not_a_video"]  # recorded, not raised
     # fps30 (3 s) holds two 9-frame clips at 8 fps, the 2 s landscape and portrait one each; table order.
     assert [(c["bucket"], c["source_row"]) for c in meta["clips"]] == [

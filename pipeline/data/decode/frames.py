@@ -43,7 +43,17 @@ def resize_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
 
 def to_model_range(frames: torch.Tensor) -> np.ndarray:
     """(T, 3, H, W) uint8 -> (3, T, H, W) float32 in [-1, 1]."""
-    t, c, h, w = frames.shape
-    out = torch.empty((c, t, h, w), dtype=torch.float32)  # (3, T, H, W)
-    out.copy_(frames.permute(1, 0, 2, 3))
-    return out.mul_(1 / 127.5).sub_(1.0).numpy()
+    return uint8_to_model_range(frames.permute(1, 0, 2, 3)).numpy()
+
+
+def to_channels_first(frames: torch.Tensor) -> np.ndarray:
+    """(T, 3, H, W) uint8 -> (3, T, H, W) uint8: what travels between the precompute stages (4x fewer
+    bytes than float32); the encoder makes it float with uint8_to_model_range."""
+    return frames.permute(1, 0, 2, 3).contiguous().numpy()
+
+
+def uint8_to_model_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (any shape, any device) -> float32 in [-1, 1], the same numbers on CPU and GPU."""
+    out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device)
+    out.copy_(pixels)
+    return out.mul_(1 / 127.5).sub_(1.0)

@@ -28,7 +28,7 @@ import numpy as np
 from pipeline.data.decode import readers
 from pipeline.data.decode.buckets import TIME_TOLERANCE, Bucket, BucketTable, assign_bucket
 from pipeline.data.decode.container import DecodeError, VideoInfo, open_container
-from pipeline.data.decode.frames import target_times, to_model_range
+from pipeline.data.decode.frames import target_times, to_channels_first, to_model_range
 from pipeline.data.source.manifest import VideoRecord
 
 BACKENDS = ("auto", "decord", "pyav")
@@ -74,9 +74,10 @@ def plan_clips(record: VideoRecord, info: VideoInfo, table: BucketTable, fps: fl
 
 
 def decode_clips(path: str | os.PathLike, *, starts: list[float], frames: int, height: int, width: int,
-                 fps: float, backend: str = "auto", threads: int = 1) -> list[np.ndarray]:
+                 fps: float, backend: str = "auto", threads: int = 1, uint8: bool = False) -> list[np.ndarray]:
     """Several clips of one video in one pass, each float32 (3, frames, height, width) in
-    [-1, 1], in the order of `starts` (see the module docstring for the frame choice).
+    [-1, 1] (with `uint8`: the uint8 pixels (3, frames, height, width) that give those numbers
+    through frames.uint8_to_model_range), in the order of `starts` (see the module docstring).
 
     backend: "decord", "pyav", or "auto" (decord, then PyAV if decord fails for any reason
     but a clean too_short). threads: decoder threads (1 = one core per decode task).
@@ -113,7 +114,7 @@ def decode_clips(path: str | os.PathLike, *, starts: list[float], frames: int, h
             container.close()
         out: list[np.ndarray] = [np.empty(0)] * len(starts)
         for i, clip in zip(order, decoded):
-            out[i] = to_model_range(clip)
+            out[i] = to_channels_first(clip) if uint8 else to_model_range(clip)
         return out
     raise AssertionError("unreachable")  # the pyav pass returns or raises
 

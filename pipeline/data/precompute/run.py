@@ -262,9 +262,9 @@ def prepare_output(config: PrecomputeConfig, manifest: dict,
 
 
 def decode_memory_bytes(config: PrecomputeConfig) -> int:
-    """Memory one decode task reserves: its unit's float32 clips three times (frames being converted,
+    """Memory one decode task reserves: its unit's uint8 clips three times (frames being converted,
     clips, the output block) plus 1 GiB for the process (torch, decoders, full-size source frames)."""
-    largest = max(3 * b.frames * b.height * b.width * 4 for b in config.bucket_table())
+    largest = max(3 * b.frames * b.height * b.width for b in config.bucket_table())
     return 3 * largest * config.clips_per_video * config.rows_per_work_unit + (1 << 30)
 
 
@@ -362,8 +362,6 @@ def format_plan(config: PrecomputeConfig, plan: Plan, seconds: float) -> str:
 def run_precompute(config: PrecomputeConfig) -> dict:
     """Run (or resume) a precomputation; prints and returns the summary (see `format_summary`).
     With `config.plan_only`: plans, prints and returns the counts, and starts nothing."""
-    import ray
-
     start = time.time()
     plan, listing = plan_precompute(config, write=not config.plan_only)
     if config.plan_only:
@@ -371,6 +369,8 @@ def run_precompute(config: PrecomputeConfig) -> dict:
         return {"status": "planned", "output": config.output, "videos_in": plan.records, "work_units": plan.units,
                 "work_units_skipped": plan.finished, "work_units_pending": plan.pending,
                 "videos_pending": plan.pending_rows, "total_seconds": round(time.time() - start, 3)}
+    import ray
+
     started_ray = _init_ray(config)
     try:
         if not started_ray:  # a cluster we joined
