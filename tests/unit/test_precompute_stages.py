@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -42,7 +44,8 @@ def test_config_errors_name_the_field(tmp_path):
                           ({"storage_dtype": "int8"}, "storage_dtype='int8'"),
                           ({"rows_per_work_unit": 0}, "rows_per_work_unit=0"),
                           ({"text_encoder": "t5", "text_encoder_path": None}, "needs text_encoder_path"),
-                          ({"validation_prompts": str(tmp_path / "p.txt")}, "validation_prompts=.*one prompt per line")]:
+                          ({"validation_prompts": str(tmp_path / "p.txt")}, "validation_prompts=.*one prompt per line"),
+                          ({"decode_timeout": 0}, "decode_timeout=0: give seconds > 0")]:
         with pytest.raises(ValueError, match=match):
             PrecomputeConfig(**{**ok, **change})
 
@@ -145,3 +148,22 @@ def test_prepare_output_refuses_or_overwrites(setup, tmp_path):
     prepare_output(again, build_output_manifest(again, vae, text, records=3))
     assert not (tmp_path / "out" / "shards").exists()
     assert read_output_manifest(config.output)["settings"]["fps"] == 12.0
+
+
+def test_a_hanging_decode_is_recorded_as_timeout_and_the_unit_goes_on(test_videos, tmp_path):
+    stuck = tmp_path / "stuck.mp4"
+    os.mkfifo(stuck)  # nobody writes: opening it for reading blocks, in C, for ever
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"video,caption\n{test_videos.landscape.path},a\n{stuck},b\n{test_videos.portrait.path},c\n")
+    plan = plan_run(manifest, rows_per_unit=3, settings_hash="s", finished=[], write_to=tmp_path)
+    began = time.monotonic()
+    try:
+        decoded = decode_units(pq.read_table(plan.plan_files[0]), buckets=BUCKETS, fps=8.0, clips_per_video=1,
+                               backend="auto", decode_timeout=1.5)
+    finally:  # release the abandoned reader: open the write end, then close it (the reader sees EOF)
+        os.close(os.open(stuck, os.O_WRONLY | os.O_NONBLOCK))
+    meta = json.loads(decoded["meta"][0])
+    assert [(e["path"], e["reason"]) for e in meta["errors"]] == [(str(stuck), "timeout")]
+    assert "longer than 1.5 s" in meta["errors"][0]["message"]
+    assert sorted(c["source_row"] for c in meta["clips"]) == [0, 2]  # the videos around it are decoded
+    assert time.monotonic() - began < 30

@@ -6,6 +6,7 @@ Every failure on bad input is a DecodeError whose `reason` is one of REASONS.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +14,7 @@ import numpy as np
 from pipeline.data.decode.buckets import TIME_TOLERANCE
 from pipeline.data.decode.sniff import classify_unreadable
 
-REASONS = frozenset({"missing", "unreadable", "not_a_video", "corrupt", "truncated", "too_short"})
+REASONS = frozenset({"missing", "unreadable", "not_a_video", "corrupt", "truncated", "too_short", "timeout"})
 
 
 class DecodeError(Exception):
@@ -60,11 +61,14 @@ def check_path(path: str) -> None:
     """Raises DecodeError for paths that cannot be a readable video file."""
     if not os.path.exists(path):
         raise DecodeError("missing", f"{path}: no such file")
-    if not os.path.isfile(path):
+    mode = os.stat(path).st_mode
+    # A named pipe is a stream a decoder can read; one whose writer hangs is what the decode timeout
+    # (stages.decode_units) is for.
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
         raise DecodeError("not_a_video", f"{path}: not a regular file")
     if not os.access(path, os.R_OK):
         raise DecodeError("unreadable", f"{path}: no permission to read")
-    if os.path.getsize(path) == 0:
+    if stat.S_ISREG(mode) and os.path.getsize(path) == 0:
         raise DecodeError("not_a_video", f"{path}: empty file")
 
 

@@ -69,6 +69,9 @@ class PrecomputeConfig:
     """Captions per text-encoder forward pass."""
     decode_concurrency: int | None = None
     """Most decode tasks at once; None: as many as the CPUs allow."""
+    decode_timeout: float = 120.0
+    """Seconds one video may take to probe and decode; a slower one (a hung read) is recorded with
+    reason "timeout" and skipped, and the job goes on."""
     decode_num_cpus: float = 1.0
     """CPUs each decode task reserves."""
     vae_concurrency: int = 1
@@ -128,6 +131,8 @@ class PrecomputeConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int | float) and value >= 0):
                 raise ValueError(f"PrecomputeConfig.{name}={value!r}: must be a number >= 0")
+        if not (isinstance(self.decode_timeout, int | float) and self.decode_timeout > 0):
+            raise ValueError(f"PrecomputeConfig.decode_timeout={self.decode_timeout!r}: give seconds > 0, e.g. 120")
         if self.decode_num_cpus <= 0:
             raise ValueError(f"PrecomputeConfig.decode_num_cpus={self.decode_num_cpus!r}: must be > 0")
         if self.decode_backend not in DECODE_BACKENDS:

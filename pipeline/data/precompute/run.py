@@ -288,7 +288,7 @@ def _run_pipeline(config: PrecomputeConfig, plan: Plan, vae_fp: dict, text_fp: d
                         compute=decode_compute, memory=decode_memory_bytes(config),
                         fn_kwargs={"buckets": str(config.bucket_table()), "fps": config.fps,
                                    "clips_per_video": config.clips_per_video, "backend": config.decode_backend,
-                                   "source": config.manifest})
+                                   "source": config.manifest, "decode_timeout": config.decode_timeout})
     # Two calls per actor: Ray Data prepares the next unit (input fetch, batching) while the model runs
     # on the current one; the model itself still runs one unit at a time.
     ds = ds.map_batches(VAEStage, batch_size=1, compute=ray.data.ActorPoolStrategy(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 
 import numpy as np
@@ -45,11 +46,40 @@ def _objects(items: list) -> np.ndarray:
     return out
 
 
+def within(seconds: float, what: str, fn):
+    """fn() in a daemon thread: its result or its exception, or DecodeError("timeout") after `seconds`.
+
+    A decoder blocked in C (a pipe whose writer hangs, a network file system that stopped answering)
+    cannot be interrupted from Python: its thread is abandoned, blocked, and the task goes on with
+    the next video. Daemon, so it never holds up the worker's exit."""
+    from pipeline.data.decode.container import DecodeError
+
+    box: dict = {}
+    done = threading.Event()
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller as it is
+            box["error"] = err
+        finally:
+            done.set()
+
+    threading.Thread(target=target, daemon=True, name="pomvid-decode").start()
+    if not done.wait(seconds):
+        raise DecodeError("timeout", f"{what}: probing and decoding took longer than {seconds:g} s "
+                                     "(--decode-timeout); skipped")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def decode_units(batch, *, buckets: str, fps: float, clips_per_video: int, backend: str,
-                 source: str = "") -> dict:
+                 source: str = "", decode_timeout: float = 120.0) -> dict:
     """Probe, plan and decode every video of each unit; failures become error entries, never exceptions.
 
-    `batch`: units as the plan stores them (pipeline/data/source/plan.py PLAN_SCHEMA), a pyarrow table."""
+    `batch`: units as the plan stores them (pipeline/data/source/plan.py PLAN_SCHEMA), a pyarrow table.
+    A video that takes longer than `decode_timeout` seconds is recorded with reason "timeout"."""
     from pipeline.data.decode.buckets import parse_buckets
     from pipeline.data.decode.container import DecodeError, probe
     from pipeline.data.decode.video import decode_clips, plan_clips
@@ -65,12 +95,15 @@ def decode_units(batch, *, buckets: str, fps: float, clips_per_video: int, backe
             record = VideoRecord(path=os.path.normpath(os.path.expanduser(fields["path"])), caption=fields["caption"],
                                  start=fields["start"], end=fields["end"], source_row=fields["source_row"],
                                  source=source)
-            try:
+            def decode(record=record):
                 plans = plan_clips(record, probe(record.path), table, fps, clips_per_video)
                 bucket = plans[0].bucket  # one video, one bucket; its clips share one decoding pass
-                decoded = decode_clips(record.path, starts=[p.start for p in plans], frames=bucket.frames,
-                                       height=bucket.height, width=bucket.width, fps=fps, backend=backend,
-                                       uint8=True)  # (3, T, H, W) uint8 each: 4x fewer bytes to the VAE
+                return plans, decode_clips(record.path, starts=[p.start for p in plans], frames=bucket.frames,
+                                           height=bucket.height, width=bucket.width, fps=fps, backend=backend,
+                                           uint8=True)  # (3, T, H, W) uint8 each: 4x fewer bytes to the VAE
+
+            try:
+                plans, decoded = within(decode_timeout, record.path, decode)
             except DecodeError as err:
                 errors.append({"id": video_id, "path": record.path, "source_row": record.source_row,
                                "reason": err.reason, "message": err.message})
