@@ -91,7 +91,7 @@ def bench_index(folder: Path, shards: int, buckets: int = 3) -> dict:
                              "rows": [16] * len(chunk), "videos": [16] * len(chunk),
                              "clips_per_bucket": [[10, 5, 1]] * len(chunk),
                              "failures": [[{"reason": "corrupt", "count": 1}]] * len(chunk),
-                             "long_captions": [0] * len(chunk)})
+                             "long_captions": [0] * len(chunk), "long_caption_examples": [[]] * len(chunk)})
         pq.write_table(table, out / INDEX_PARTS_DIR / f"part-{first:09d}.parquet")
     made = time.perf_counter() - began
     manifest = {"buckets": [{"key": f"17x256x{256 + 64 * b}"} for b in range(buckets)]}

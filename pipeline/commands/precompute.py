@@ -130,7 +130,7 @@ def _start_tracking(args, config):
 def _log_summary(tracker, config, summary: dict) -> None:
     from pathlib import Path
 
-    counts = {k: summary[k] for k in ("videos_in", "clips_out", "failed_videos", "work_units",
+    counts = {k: summary[k] for k in ("videos_in", "clips_out", "failed_videos", "long_captions", "work_units",
                                       "work_units_written", "work_units_skipped", "clips_this_run")}
     tracker.log_precompute_summary(
         counts=counts, elapsed_s=summary["total_seconds"], failures_by_reason=summary["failures_by_reason"],

@@ -91,7 +91,9 @@ def test_stages_in_one_process_write_a_shard_and_errors(setup, test_videos, tmp_
     paths = [test_videos.landscape.path, test_videos.missing, test_videos.fps30.path, test_videos.text_mp4,
              test_videos.portrait.path]
     manifest = tmp_path / "m.csv"
-    manifest.write_text("video,caption\n" + "".join(f"{p},video {i}\n" for i, p in enumerate(paths)))
+    long = "a very long caption " + "with many words " * 12  # more than the tiny CLIP's 32 tokens
+    captions = ["video 0", "video 1", "video 2", "video 3", long]
+    manifest.write_text("video,caption\n" + "".join(f"{p},{c}\n" for p, c in zip(paths, captions)))
     plan = plan_run(manifest, rows_per_unit=5, settings_hash="s", finished=[], write_to=tmp_path)
     unit_id = plan.unit_ids[0].as_py()
     batch = pq.read_table(plan.plan_files[0])
@@ -111,6 +113,8 @@ def test_stages_in_one_process_write_a_shard_and_errors(setup, test_videos, tmp_
     assert done.column("rows").to_pylist() == [4] and done.column("clips_per_bucket").to_pylist() == [[2, 1, 1]]
     assert done.column("failures").to_pylist() == [[{"reason": "missing", "count": 1},
                                                     {"reason": "not_a_video", "count": 1}]]
+    assert done.column("long_captions").to_pylist() == [1]  # counted per clip, named in the index
+    assert done.column("long_caption_examples").to_pylist() == [[long.strip()]]
     assert done.column("file").to_pylist() == [f"shards/{unit_id[:2]}/{unit_id}.parquet"]
     samples = read_samples(shard_path(config.output, unit_id))
     pixel = build_vae("pixel", config={"spatial": 4})

@@ -409,6 +409,9 @@ def run_precompute(config: PrecomputeConfig) -> dict:
         "failures_this_run": stats["failures"],
         "clips_out": totals["clips"],
         "failed_videos": totals["failed_videos"],
+        "long_captions": totals["long_captions"],
+        "long_caption_examples": totals["long_caption_examples"],
+        "text_max_length": text["max_length"],
         "failures_by_reason": totals["failures_by_reason"],
         "pipeline_seconds": round(seconds, 3),
         "total_seconds": round(time.time() - start, 3),
@@ -436,6 +439,9 @@ def format_summary(summary: dict) -> str:
         f"{summary['work_units_skipped']} already done, {summary['work_units_written']} written now)",
         f"  clips out         {summary['clips_out']}  ({summary['clips_this_run']} this run)",
         f"  failed videos     {summary['failed_videos']}  ({failures}; details in {ERRORS_DIR}/*.jsonl)",
+        f"  captions cut      {summary['long_captions']}  (clips whose caption has more than the text encoder's "
+        f"{summary['text_max_length']} tokens)" + "".join(f"\n                    e.g. {c[:100]!r}"
+                                                         for c in summary["long_caption_examples"][:3]),
         f"  clips per second  {summary['clips_per_second']:.2f}  ({summary['clips_this_run']} clips in "
         f"{summary['pipeline_seconds']:.1f} s; {summary['total_seconds']:.1f} s with start-up; "
         + (f"{summary['steady_clips_per_second']:.2f} once running)" if summary["steady_clips_per_second"]

@@ -30,6 +30,8 @@ from pipeline.data.store.shards import (
     write_shard,
 )
 
+LONG_CAPTION_EXAMPLES = 3  # long captions named per unit (the summary names the first few of the run)
+
 
 def stable_hash(obj, length: int = 16) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:length]
@@ -225,8 +227,12 @@ class TextStage:
                         raise RuntimeError(f"text encoder mask for {caption!r} is not a prefix; "
                                            "shards store the first `length` tokens only")
                     valid[caption] = e[:length]  # (length, D)
+            long = {c for c, n in zip(captions, self.encoder.token_counts(captions)) if n > self.encoder.max_length}
             for clip in meta["clips"]:
                 clip["text_length"] = int(valid[clip["caption"]].shape[0])
+            # Cut to max_length by the encoder: counted per clip, and the first few named in the index.
+            meta["long_captions"] = sum(c["caption"] in long for c in meta["clips"])
+            meta["long_caption_examples"] = [c for c in captions if c in long][:LONG_CAPTION_EXAMPLES]
             meta["text_dim"] = int(self.encoder.dim)
             metas.append(json.dumps(meta))
             texts.append(_flat([valid[c["caption"]] for c in meta["clips"]]).astype(np.float32, copy=False))
@@ -266,7 +272,9 @@ def write_units(batch: dict, *, output: str, storage_dtype: str, bucket_keys: li
             write_jsonl_atomic(errors_path(output, unit_id), [{"unit_id": unit_id, **e} for e in meta["errors"]])
         else:  # a file fixed since an interrupted attempt must not stay listed as failed
             errors_path(output, unit_id).unlink(missing_ok=True)
-        shard_meta = {"unit_id": unit_id, "videos": meta["videos"], "buckets": buckets, "failures": failures}
+        shard_meta = {"unit_id": unit_id, "videos": meta["videos"], "buckets": buckets, "failures": failures,
+                      "long_captions": meta.get("long_captions", 0),
+                      "long_caption_examples": meta.get("long_caption_examples", [])}
         write_shard(shard_path(output, unit_id), shard_table(rows, storage_dtype=storage_dtype, metadata=shard_meta))
         cols["file"].append(relative_shard_file(unit_id))
         cols["unit_id"].append(str(unit_id))
@@ -274,6 +282,7 @@ def write_units(batch: dict, *, output: str, storage_dtype: str, bucket_keys: li
         cols["videos"].append(meta["videos"])
         cols["clips_per_bucket"].append([buckets.get(k, 0) for k in bucket_keys])
         cols["failures"].append([{"reason": r, "count": n} for r, n in sorted(failures.items())])
-        cols["long_captions"].append(0)
+        cols["long_captions"].append(shard_meta["long_captions"])
+        cols["long_caption_examples"].append(shard_meta["long_caption_examples"])
     table = index_table(cols)
     return table.append_column("written_at", pa.array([time.time()] * table.num_rows, pa.float64()))

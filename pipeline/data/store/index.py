@@ -9,7 +9,8 @@ training rank parsed, and finishing a run read 625k Parquet footers. Now:
 
 Columns (INDEX_SCHEMA): file (relative to the output folder), unit_id, rows, videos,
 clips_per_bucket (list, in bucket-table order), failures (list of {reason, count}), long_captions
-(captions longer than the text encoder's max length, cut to it).
+(clips whose caption was longer than the text encoder's max length, cut to it) and
+long_caption_examples (the first few such captions of the unit).
 
 Finished units are found with one recursive listing of shards/ (`list_output`), never one exists()
 each. Every call goes through a pyarrow file system, so an s3:// output needs no other code here.
@@ -47,6 +48,7 @@ INDEX_SCHEMA = pa.schema([
     ("clips_per_bucket", pa.list_(pa.int64())),
     ("failures", FAILURE_TYPE),
     ("long_captions", pa.int64()),
+    ("long_caption_examples", pa.list_(pa.string())),
 ])
 
 
@@ -140,6 +142,7 @@ def footer_rows(root: str | os.PathLike, unit_ids: list[str], bucket_keys: list[
         cols["clips_per_bucket"].append([int(buckets.get(k, 0)) for k in bucket_keys])
         cols["failures"].append([{"reason": r, "count": int(n)} for r, n in sorted(own.get("failures", {}).items())])
         cols["long_captions"].append(int(own.get("long_captions", 0)))
+        cols["long_caption_examples"].append(list(own.get("long_caption_examples", [])))
     return index_table(cols)
 
 
@@ -193,6 +196,7 @@ def index_totals(index: pa.Table, bucket_keys: list[str], work_units: int) -> di
         "failed_videos": int(sum(failures.values())),
         "failures_by_reason": dict(sorted(failures.items())),
         "long_captions": int(pc.sum(index.column("long_captions")).as_py() or 0),
+        "long_caption_examples": pc.list_flatten(index.column("long_caption_examples")).slice(0, 5).to_pylist(),
     }
 
 
