@@ -19,6 +19,8 @@ import bisect
 import hashlib
 import json
 import os
+import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -27,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.data.load.prefetch import Prefetcher
 from pipeline.data.store.index import read_index
 from pipeline.data.store.shards import ShardError, bytes_to_tensor, read_output_manifest
 
@@ -77,7 +80,7 @@ class LatentDataset:
             key: idx for b, key in enumerate(self.bucket_keys) if len(idx := np.flatnonzero(self._bucket_of == b))
         }
         self._max_open = max_open_files
-        self._files: OrderedDict[int, tuple] = OrderedDict()
+        self._local = threading.local()
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -92,31 +95,52 @@ class LatentDataset:
         return self._index_digest
 
     def _open(self, s: int):
-        if os.getpid() != self._pid:  # forked (DataLoader worker): file handles must not be shared
-            self._files.clear()
+        """(ParquetFile, row-group starts) of shard s, from this thread's cache of open files (the
+        prefetch threads read in parallel; a ParquetFile is not shared between threads)."""
+        files = getattr(self._local, "files", None)
+        if files is None or os.getpid() != self._pid:  # a new thread, or forked (file handles not shared)
+            files = self._local.files = OrderedDict()
             self._pid = os.getpid()
-        if s in self._files:
-            self._files.move_to_end(s)
-            return self._files[s]
+        if s in files:
+            files.move_to_end(s)
+            return files[s]
         try:
             pf = pq.ParquetFile(self.shard_files[s], memory_map=True)
         except OSError as err:
             raise ShardError(f"{self.shard_files[s]}: cannot open shard ({err}); run precompute again") from err
         starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]).tolist()
-        self._files[s] = (pf, starts)
-        if len(self._files) > self._max_open:
-            self._files.popitem(last=False)
-        return self._files[s]
+        files[s] = (pf, starts)
+        if len(files) > self._max_open:
+            files.popitem(last=False)
+        return files[s]
 
     def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"sample {index} out of range for a dataset of {len(self)}")
-        s, row = int(self._shard_of[index]), int(self._row_of[index])
-        pf, starts = self._open(s)
-        group = bisect.bisect_right(starts, row) - 1
-        table = pf.read_row_group(group)
-        r = row - starts[group]
+        return self.samples([index])[0]
+
+    def samples(self, indices) -> list[dict]:
+        """Samples `indices`, in that order: one read per shard (all its rows' row groups at once)."""
+        indices = [int(i) for i in indices]
+        for index in indices:
+            if not 0 <= index < len(self):
+                raise IndexError(f"sample {index} out of range for a dataset of {len(self)}")
+        by_shard: dict[int, list[int]] = {}
+        for pos, index in enumerate(indices):
+            by_shard.setdefault(int(self._shard_of[index]), []).append(pos)
+        out: list[dict] = [{}] * len(indices)
+        for s, positions in by_shard.items():
+            pf, starts = self._open(s)
+            rows = [int(self._row_of[indices[p]]) for p in positions]
+            groups = sorted({bisect.bisect_right(starts, r) - 1 for r in rows})
+            table = pf.read_row_groups(groups)  # the groups concatenated, in `groups` order
+            first_of, offset = {}, 0
+            for g in groups:
+                first_of[g], offset = offset, offset + starts[g + 1] - starts[g]
+            for p, row in zip(positions, rows):
+                g = bisect.bisect_right(starts, row) - 1
+                out[p] = self._sample(table, first_of[g] + row - starts[g], indices[p], s, row)
+        return out
+
+    def _sample(self, table, r: int, index: int, s: int, row: int) -> dict:
         get = lambda name: table.column(name)[r]  # noqa: E731
         key = self.bucket_keys[self._bucket_of[index]]
         if get("bucket").as_py() != key:
@@ -166,7 +190,7 @@ class LatentLoader:
     """
 
     def __init__(self, dataset: LatentDataset, *, batch_size: int, dp_rank: int, dp_size: int, seed: int,
-                 drop_last: bool = True):
+                 drop_last: bool = True, prefetch: int = 4, threads: int = 2, pin_memory: bool | None = None):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size}: the per-rank batch must be at least 1")
         if int(dp_size) < 1 or not 0 <= int(dp_rank) < int(dp_size):
@@ -176,6 +200,11 @@ class LatentLoader:
         self.dataset = dataset
         self.batch_size, self.dp_rank, self.dp_size = int(batch_size), int(dp_rank), int(dp_size)
         self.seed, self.drop_last = int(seed), bool(drop_last)
+        if int(prefetch) < 0 or int(threads) < 1:
+            raise ValueError(f"prefetch={prefetch}, threads={threads}: prefetch >= 0 (0: read in the step), threads >= 1")
+        self.prefetch, self.threads = int(prefetch), int(threads)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.last_wait_s = 0.0  # seconds the consumer waited for the batch it got last
         self.global_batch_size = self.batch_size * self.dp_size
         self.epoch = 0
         self._consumed = 0  # samples consumed globally (all DP ranks) in self.epoch
@@ -218,14 +247,32 @@ class LatentLoader:
         """This rank's slice of a global batch."""
         return global_batch[self.dp_rank * self.batch_size:(self.dp_rank + 1) * self.batch_size]
 
+    def batch(self, global_batch: np.ndarray) -> dict:
+        """This rank's batch of a global batch, read and collated (pinned when CUDA is present, so the
+        copy to the GPU can be asynchronous)."""
+        batch = self.dataset.collate(self.dataset.samples(self.local_indices(global_batch)))
+        if self.pin_memory:
+            batch.update({k: v.pin_memory() for k, v in batch.items() if isinstance(v, torch.Tensor)})
+        return batch
+
     def __iter__(self):
         plan = self.plan(self.epoch)
-        for step in range(self._consumed // self.global_batch_size, len(plan)):
-            _key, indices = plan[step]
-            batch = self.dataset.collate([self.dataset[i] for i in self.local_indices(indices)])
+        steps = range(self._consumed // self.global_batch_size, len(plan))
+        if self.prefetch:  # the next batches are read on background threads while the step runs
+            batches = Prefetcher(lambda step: self.batch(plan[step][1]), depth=self.prefetch,
+                                 threads=self.threads).run(steps)
+        else:
+            batches = ((step, *_timed(self.batch, plan[step][1])) for step in steps)
+        for step, batch, waited in batches:
+            self.last_wait_s = waited
             self._consumed = (step + 1) * self.global_batch_size
             yield batch
         self.epoch, self._consumed = self.epoch + 1, 0
+
+    def perf_metrics(self) -> dict[str, float]:
+        """{"perf/data_wait_s": seconds the training step waited for its batch}: what the trainer logs
+        per step (`**loader.perf_metrics()`); with prefetch it is ~0 once the queue is full."""
+        return {"perf/data_wait_s": self.last_wait_s}
 
     def state_dict(self) -> dict:
         epoch, consumed = self.epoch, self._consumed
@@ -259,3 +306,9 @@ class LatentLoader:
         if state["samples_consumed"] % self.global_batch_size:
             raise ValueError(f"samples_consumed={state['samples_consumed']} is not a whole number of global batches")
         self.epoch, self._consumed = int(state["epoch"]), int(state["samples_consumed"])
+
+
+def _timed(fn, *args) -> tuple[object, float]:
+    began = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - began
