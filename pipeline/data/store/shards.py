@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +124,25 @@ def bytes_to_tensor(buf: bytes | memoryview, shape, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
         tensor = tensor.view(torch.bfloat16)
     return tensor.float()
+
+
+def bytes_to_view(buf, shape, dtype: str) -> torch.Tensor:
+    """A tensor of `shape` in the storage dtype that reads `buf` in place (no copy): for a reader that
+    converts to float32 while copying into its batch, in one pass. Little-endian hosts only (others
+    use bytes_to_tensor)."""
+    if dtype not in STORAGE_DTYPES:
+        raise ShardError(f"stored dtype {dtype!r} is not one of {sorted(STORAGE_DTYPES)}; the shard is corrupt")
+    if sys.byteorder != "little":
+        return bytes_to_tensor(buf, shape, dtype)
+    shape = tuple(int(s) for s in shape)
+    with warnings.catch_warnings():  # read-only Arrow memory: nothing writes to the view
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.from_numpy(np.frombuffer(buf, dtype=_NUMPY_CARRIER[dtype]))
+    if dtype == "bfloat16":
+        flat = flat.view(torch.bfloat16)
+    if flat.numel() != int(np.prod(shape, dtype=np.int64)):
+        raise ShardError(f"{flat.numel()} stored values do not fill shape {shape}; the shard is corrupt")
+    return flat.reshape(shape)
 
 
 def shard_table(rows: list[ShardRow], *, storage_dtype: str, metadata: dict) -> pa.Table:
