@@ -268,6 +268,21 @@ def measure_vae_alone(config, bucket: Bucket, *, batches: int = 30) -> Row:
                clips=clips, wall_s=wall, cpu_s=cpu)
 
 
+def object_store_bytes(paths: list[Path], bucket: Bucket, fps: float) -> str:
+    """Bytes one decoded clip takes between the decode task and the VAE actor: float32 (before) against
+    uint8 (now), measured on the arrays decode_clips returns for the first source."""
+    from pipeline.data.decode.frames import uint8_to_model_range
+
+    path, plans = next(_plans(paths[:1], bucket, fps, 1))
+    starts = [p.start for p in plans]
+    before = decode_clips(path, starts=starts, frames=bucket.frames, height=bucket.height, width=bucket.width, fps=fps)
+    now = decode_clips(path, starts=starts, frames=bucket.frames, height=bucket.height, width=bucket.width, fps=fps,
+                       uint8=True)
+    same = np.array_equal(uint8_to_model_range(torch.from_numpy(now[0])).numpy(), before[0])  # the VAE actor's
+    return (f"# object-store bytes per clip {bucket}: float32 {before[0].nbytes:,} (before), uint8 {now[0].nbytes:,} "
+            f"(now): {before[0].nbytes / now[0].nbytes:.1f}x fewer; same VAE input: {same}")
+
+
 def run_end_to_end(folder: Path, paths: list[Path], args, bucket: Bucket) -> list[Row]:
     """Loop and pipeline on the same files; with CUDA also the VAE alone and the utilisation ratio."""
     cuda = torch.cuda.is_available()
@@ -319,6 +334,7 @@ def main() -> None:
             MEASUREMENTS[name](paths[:1], **{**kw, "clips_per_video": 1})
         rows = [MEASUREMENTS[name](paths, **kw) for name in args.measure]
         print(format_table(rows))
+        print(object_store_bytes(paths, bucket, args.fps))
         if args.end_to_end:
             print(f"# end to end: {len(paths) * args.repeats} manifest rows, Ray on {args.workers} CPUs")
             print(format_table(run_end_to_end(folder, paths, args, bucket)))
