@@ -98,11 +98,12 @@ def decode_units(batch, *, buckets: str, fps: float, clips_per_video: int, backe
                                  start=fields["start"], end=fields["end"], source_row=fields["source_row"],
                                  source=source)
             def decode(record=record):
-                plans = plan_clips(record, probe(record.path), table, fps, clips_per_video)
+                info = probe(record.path)  # size as shown (rotation applied): a phone video is portrait
+                plans = plan_clips(record, info, table, fps, clips_per_video)
                 bucket = plans[0].bucket  # one video, one bucket; its clips share one decoding pass
                 return plans, decode_clips(record.path, starts=[p.start for p in plans], frames=bucket.frames,
                                            height=bucket.height, width=bucket.width, fps=fps, backend=backend,
-                                           uint8=True)  # (3, T, H, W) uint8 each: 4x fewer bytes to the VAE
+                                           uint8=True, rotation=info.rotation)  # (3, T, H, W) uint8 each
 
             try:
                 plans, decoded = within(decode_timeout, record.path, decode)
