@@ -124,7 +124,7 @@ def test_finish_manifest_writes_the_index_and_a_small_header(tmp_path):
     assert index.column("file").to_pylist() == ["shards/un/unit0000.parquet", "shards/un/unit0001.parquet"]
     assert index.column("rows").to_pylist() == [3, 2] and index.column("clips_per_bucket").to_pylist() == [[3, 0], [1, 1]]
     assert not (tmp_path / I.INDEX_PARTS_DIR).exists()
-    partial = S.finish_manifest(tmp_path, {"buckets": manifest["buckets"]}, ["unit0001", "unit0009"])  # 0009 unfinished
+    partial = I.finish_manifest(tmp_path, {"buckets": manifest["buckets"]}, ["unit0001", "unit0009"])  # 0009 unfinished
     assert partial["status"] == "incomplete" and I.read_index(tmp_path).column("unit_id").to_pylist() == ["unit0001"]
 
 

@@ -1,11 +1,13 @@
 """Offline latent precomputation with Ray Data: videos + captions -> Parquet shards of latents.
 
-    read manifest -> work units (stable ids) -> decode (CPU tasks) -> VAE (actors) -> text (actors)
-    -> write one shard per unit (atomic) ; manifest.json + errors/*.jsonl
+    plan (streamed manifest -> work units with stable ids, minus the finished ones: plan/*.parquet)
+    -> decode (CPU tasks) -> VAE (actors) -> text (actors) -> write one shard per unit (atomic)
+    -> index.parquet (appended per batch of units) ; manifest.json (small header) ; errors/<ab>/*.jsonl
 
 Ray Data streams the units through the stages with backpressure, so only a few units per stage are in
-memory at once. Resume: a unit whose shard exists is skipped, and a shard only appears, whole, once
-its unit is done; so a run killed at any moment and started again writes exactly the missing units.
+memory at once. Resume: a unit whose shard exists (one listing of shards/) is skipped, and a shard
+only appears, whole, once its unit is done; so a run killed at any moment and started again writes
+exactly the missing units.
 The output is tied to its encoders, buckets and settings (recorded in manifest.json before the
 first shard): a run with others is refused unless `overwrite=True`. See docs/precompute.md.
 """
@@ -438,7 +440,7 @@ def format_summary(summary: dict) -> str:
         f"  videos in         {summary['videos_in']}  ({summary['work_units']} work units: "
         f"{summary['work_units_skipped']} already done, {summary['work_units_written']} written now)",
         f"  clips out         {summary['clips_out']}  ({summary['clips_this_run']} this run)",
-        f"  failed videos     {summary['failed_videos']}  ({failures}; details in {ERRORS_DIR}/*.jsonl)",
+        f"  failed videos     {summary['failed_videos']}  ({failures}; details in {ERRORS_DIR}/*/*.jsonl)",
         f"  captions cut      {summary['long_captions']}  (clips whose caption has more than the text encoder's "
         f"{summary['text_max_length']} tokens)" + "".join(f"\n                    e.g. {c[:100]!r}"
                                                          for c in summary["long_caption_examples"][:3]),

@@ -1,4 +1,4 @@
-"""The latent store: Parquet shards, manifest.json, index.parquet and errors/*.jsonl, each written atomically.
+"""The latent store: Parquet shards, manifest.json, index.parquet and errors/*/*.jsonl, each written atomically.
 
 Layout of an output folder (made by `pipeline.data.precompute.run_precompute`):
 
@@ -311,17 +311,10 @@ def write_output_manifest(root: str | Path, manifest: dict) -> None:
 
 
 def read_errors(root: str | Path) -> list[dict]:
-    """Every error line of every errors/*.jsonl file, sorted by file name then line."""
+    """Every error line of every errors/*/*.jsonl file, sorted by file name then line."""
     records = []
     for path in sorted((Path(root) / ERRORS_DIR).glob("*/*.jsonl"), key=lambda p: p.name):
         for line in path.read_text().splitlines():
             if line.strip():
                 records.append(json.loads(line))
     return records
-
-
-def finish_manifest(root: str | Path, manifest: dict, unit_ids: list[str]) -> dict:
-    """Index the finished shards of `unit_ids` and write manifest.json (see store/index.py)."""
-    from pipeline.data.store.index import finish_manifest as finish  # index.py builds on this module
-
-    return finish(root, manifest, unit_ids)
