@@ -79,6 +79,7 @@ def check_output_folder(output_dir: str | os.PathLike, *, rank: int, world_size:
     dist.barrier()  # all listings done before an owner removes the markers
     if owner:
         shutil.rmtree(markers.parent, ignore_errors=True)
+    dist.barrier()  # no rank goes on while markers are still there
     if not shared and not mirror:
         raise ConfigError(_not_shared_message(places, rank0_sees=_gather_seen(seen, rank, device)))
     return FolderSharing(shared=shared, owner=owner, hosts=tuple(h for h, _ in places))

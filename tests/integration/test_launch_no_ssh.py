@@ -72,27 +72,6 @@ def _assert_like_reference(out: Path, steps: list[int]) -> None:
         assert got[step]["grad_norm"] == pytest.approx(reference[step]["grad_norm"], rel=1e-6), f"step {step}"
 
 
-def test_two_launchers_one_per_node_train_together(tmp_path):
-    out = tmp_path / "run"
-    codes, logs, output = _train_two_nodes(tmp_path, [out, out])
-    assert codes == [0, 0], output
-    assert not (out / MARKERS).exists()  # the shared-folder check passed and cleaned up its markers
-
-    # The generated hostfile: 2 nodes of 1 process; each launcher ran its own node's rank only.
-    assert (tmp_path / "pomvid-hostfile-2x1").read_text().split("\n")[:2] == ["node-0 slots=1", "node-1 slots=1"]
-    for rank, log in enumerate(logs):
-        text = log.read_text()
-        assert f"--node_rank={rank}" in text and "dist_world_size=2" in text, output
-
-    # One world of 2 ranks wrote each checkpoint, each rank its own files ...
-    latest = ckpt.find_latest(out / "checkpoints")
-    assert latest is not None and latest.name == "step_00000006"
-    assert ckpt.read_state(latest)["world_size"] == 2
-    assert sorted(p.name for p in (latest / "rng").iterdir()) == ["rank_00000.json", "rank_00001.json"]
-    # ... and trained step for step like the 2 ranks that one launcher starts on one node.
-    _assert_like_reference(out, [1, 2, 3, 4, 5, 6])
-
-
 def test_node_local_folders_without_mirror_stop_at_start(tmp_path):
     outs = [tmp_path / "node0" / "run", tmp_path / "node1" / "run"]  # two "nodes", each with its own disk
     codes, logs, output = _train_two_nodes(tmp_path, outs)
@@ -105,7 +84,9 @@ def test_node_local_folders_without_mirror_stop_at_start(tmp_path):
     assert not (outs[0] / "checkpoints").exists() and not (outs[1] / "checkpoints").exists()
 
 
-def test_node_local_folders_with_mirror_resume_on_empty_nodes(tmp_path, s3_server):
+def test_two_launchers_one_per_node_train_together_and_resume_from_the_mirror(tmp_path, s3_server):
+    """Two nodes with their own disks and a checkpoint mirror: they train together, checkpoint to the
+    mirror, and fresh nodes (empty folders) resume from it with the losses of an uninterrupted run."""
     bucket = s3_server.create_bucket("mirror")
     mirror = f"s3://{bucket}/runs/two-nodes"
     env = cpu_env(TMPDIR=str(tmp_path), **s3_server.env)
@@ -116,7 +97,16 @@ def test_node_local_folders_with_mirror_resume_on_empty_nodes(tmp_path, s3_serve
     codes, logs, output = _train_two_nodes(tmp_path, outs, extra=[*extra, "--set", "train.stop_at=3"], env=env,
                                            name="first-")
     assert codes == [0, 0], output
+    # The generated hostfile: 2 nodes of 1 process; each launcher ran its own node's rank only ...
+    assert (tmp_path / "pomvid-hostfile-2x1").read_text().split("\n")[:2] == ["node-0 slots=1", "node-1 slots=1"]
+    for rank, log in enumerate(logs):
+        text = log.read_text()
+        assert f"--node_rank={rank}" in text and "dist_world_size=2" in text, output
+    # ... one world of 2 ranks, trained step for step like the 2 ranks one launcher starts on one node
+    # (whose shared folder passed the shared-folder check: the run exists, and the markers are gone).
+    assert ckpt.read_state(outs[0] / "checkpoints/step_00000003")["world_size"] == 2
     _assert_like_reference(outs[0], [1, 2, 3])
+    assert not (train_runs.run("zero2") / MARKERS).exists() and not (outs[0] / MARKERS).exists()
     keys = s3_server.list_keys(bucket, "runs/two-nodes/")
     step3 = [k.split("step_00000003/", 1)[1] for k in keys if "/step_00000003/" in k]
     assert "COMPLETE" in step3 and "trainer_state.json" in step3 and "ema.safetensors" in step3, keys
