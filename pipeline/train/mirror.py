@@ -4,6 +4,7 @@
     <mirror>/step_00000300/.uploaded/rank_00001    rank 1 uploaded all its files of this step
     <mirror>/step_00000300/COMPLETE   uploaded by rank 0 last, once every rank's marker is there
     <mirror>/latest                   "step_00000300", after COMPLETE
+    <mirror>/conditioning.safetensors (+ .json)   rank 0's text conditioning, restored on a fresh node
 
 Uploads: after a checkpoint is complete locally, each rank uploads the files it wrote (DeepSpeed's
 zero_pp_rank_R_* and rng/rank_R.json are rank R's, the rest rank 0's) in a background thread, so
@@ -35,12 +36,15 @@ import torch.distributed as dist
 from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.train import checkpoint as ckpt
+from pipeline.train.conditioning import FILE_NAME as COND_FILE
 
 log = logging.getLogger("pomvid.train")
 UPLOADED = ".uploaded"
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|(?:^|/)rank_(\d+)\.json$")
 _STEP = re.compile(r"^step_(\d{8})/")
 POLL_S = 0.5  # how often rank 0 looks for the other ranks' upload markers
+# Files of <output_dir> (rank 0's) that a resume needs besides the checkpoint: the text conditioning.
+RUN_FILES = (COND_FILE, str(Path(COND_FILE).with_suffix(".json")))
 
 
 def file_owner(relative: str) -> int:
@@ -98,6 +102,10 @@ class CheckpointMirror:
                     continue
                 if file_owner(relative) == self.rank:
                     storage.put_file(path, storage.join(target, relative))
+            if self.rank == 0:  # the null caption must not change when fresh nodes resume (conditioning.py)
+                for name in RUN_FILES:
+                    if (folder.parent.parent / name).is_file():
+                        storage.put_file(folder.parent.parent / name, storage.join(self.uri, name))
             storage.put_bytes(b"ok\n", storage.join(target, UPLOADED, f"rank_{self.rank:05d}"))
             if self.rank == 0:
                 self._complete(target, folder, step)
@@ -171,6 +179,11 @@ def resolve_mirrored_resume(uri: str, ckpt_root: Path, *, resume: str, local: Pa
     folder = None if step == _NO_CHECKPOINT else ckpt.step_dir(ckpt_root, step)
     if folder is not None and owner and not ckpt.is_complete(folder):
         _download(uri, folder)
+    if folder is not None and rank == 0:  # rank 0 alone reads the conditioning
+        for name in RUN_FILES:
+            local_file = Path(ckpt_root).parent / name
+            if not local_file.is_file() and storage.exists(storage.join(uri, name)):
+                storage.get_file(storage.join(uri, name), local_file)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
     return folder

@@ -117,6 +117,7 @@ def test_two_launchers_one_per_node_train_together_and_resume_from_the_mirror(tm
     assert {"deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt",
             "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(step3), keys
     assert s3_server.read(bucket, "runs/two-nodes/latest") == b"step_00000003\n"
+    assert "runs/two-nodes/conditioning.safetensors" in keys  # the null caption, for fresh nodes
 
     # Fresh nodes: empty local folders. --resume auto restores step 3 from the mirror, steps 4-6 follow.
     for out in outs:

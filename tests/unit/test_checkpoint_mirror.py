@@ -47,6 +47,9 @@ def test_upload_then_resume_on_an_empty_folder(tmp_path):
     mirror_uri = f"file://{tmp_path / 'mirror'}"
     root = tmp_path / "node" / "checkpoints"
     mirror = CheckpointMirror(mirror_uri, rank=0, world_size=1, keep=2, device=CPU)
+    (tmp_path / "node").mkdir()
+    (tmp_path / "node" / "conditioning.safetensors").write_bytes(b"null caption")  # rank 0's run files
+    (tmp_path / "node" / "conditioning.json").write_text("{}")
     for step in (3, 6, 9):
         mirror.wait()  # as the trainer does before each save
         mirror.upload(_fake_checkpoint(root, step), step)
@@ -64,6 +67,8 @@ def test_upload_then_resume_on_an_empty_folder(tmp_path):
     assert folder == ckpt.step_dir(fresh, 9) and ckpt.find_latest(fresh) == folder
     assert (folder / "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt").read_text() == "optim 9"
     assert not (folder / ".uploaded").exists()
+    assert (tmp_path / "fresh" / "conditioning.safetensors").read_bytes() == b"null caption"  # the same null caption
+    assert (tmp_path / "fresh" / "conditioning.json").read_text() == "{}"
 
     # A shared folder that holds a newer complete checkpoint than the mirror uses its own (no download).
     local = _fake_checkpoint(tmp_path / "shared" / "checkpoints", 12)
