@@ -11,8 +11,9 @@ Built on pyarrow.fs (not fsspec): pyarrow is already a dependency for the Parque
 Azure and HDFS need no extra package (fsspec would need s3fs/gcsfs/adlfs, each pinning its own
 botocore/aiohttp stack), pyarrow.parquet reads and writes through the same FileSystem objects, and its
 C++ S3 client reads the standard environment itself: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
-AWS_SESSION_TOKEN / AWS_PROFILE, AWS_REGION / AWS_DEFAULT_REGION, and AWS_ENDPOINT_URL (or
-AWS_ENDPOINT_URL_S3) for S3-compatible stores such as MinIO, Ceph or moto.
+AWS_SESSION_TOKEN / AWS_PROFILE, AWS_REGION / AWS_DEFAULT_REGION. AWS_ENDPOINT_URL_S3 or
+AWS_ENDPOINT_URL (S3-compatible stores such as MinIO, Ceph or moto) is handed to pyarrow as its
+endpoint_override by `resolve`, whatever pyarrow version reads these variables itself.
 
 Visibility: an object store has no rename, so `put_file` writes the final key directly and the store
 makes it visible only whole: pyarrow sends a small file as one PutObject and a large one as one

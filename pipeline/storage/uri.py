@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 # Schemes pyarrow.fs.FileSystem.from_uri understands (abfs/abfss: Azure, pyarrow >= 16; hdfs: libhdfs).
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs")
@@ -61,11 +61,16 @@ def resolve(uri: str | os.PathLike):
     if scheme not in REMOTE_SCHEMES:
         raise StorageError(f"{redact(text)}: unknown storage scheme {scheme}://; use a local path or one of "
                            f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}")
+    if scheme == "s3" and "endpoint_override=" not in text:
+        # Said explicitly: pyarrow's own reading of these variables depends on its version (13 / 16).
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            text += ("&" if "?" in text else "?") + "endpoint_override=" + quote(endpoint, safe="")
     try:
-        # from_uri reads the standard environment (credentials, region, AWS_ENDPOINT_URL[_S3]).
+        # from_uri reads the rest of the standard environment (credentials, region, profile).
         filesystem, path = pafs.FileSystem.from_uri(text)
     except (OSError, ValueError, ImportError) as err:
-        raise StorageError(f"{redact(text)}: cannot open this location: {mask_secrets(str(err))}") from None
+        raise StorageError(f"{redact(uri)}: cannot open this location: {mask_secrets(str(err))}") from None
     return filesystem, path.rstrip("/")
 
 
