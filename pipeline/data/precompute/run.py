@@ -324,7 +324,9 @@ def _run_pipeline(config: PrecomputeConfig, plan: Plan, vae_fp: dict, text_fp: d
             stats["units"] += batch.num_rows
             stats["videos"] += int(pc.sum(batch.column("videos")).as_py() or 0)
             stats["clips"] += clips
-            stats["arrivals"].append((time.time(), clips))  # for the steady-state rate
+            # For the steady-state rate: when each unit was written (by its write task), not when the
+            # driver got it: Ray Data may hand over several units' blocks at once.
+            stats["arrivals"] += zip(batch.column("written_at").to_pylist(), batch.column("rows").to_pylist())
             flat = pc.list_flatten(batch.column("failures"))
             for reason, n in zip(pc.struct_field(flat, "reason").to_pylist(),
                                  pc.struct_field(flat, "count").to_pylist()):
@@ -431,6 +433,7 @@ def steady_rate(arrivals: list[tuple[float, int]]) -> float:
     """Clips per second between the first and the last finished unit: the rate once every actor has
     loaded its model (start-up excluded). 0.0 (unknown) with fewer than 4 units or under a second
     between them: units arrive in bursts, so fewer say nothing."""
+    arrivals = sorted(arrivals)
     if len(arrivals) < 4 or arrivals[-1][0] - arrivals[0][0] < 1.0:
         return 0.0
     return sum(n for _, n in arrivals[1:]) / (arrivals[-1][0] - arrivals[0][0])
