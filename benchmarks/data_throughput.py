@@ -15,6 +15,8 @@ Each measurement is a function returning a Row; main() runs the selected ones an
 
     python benchmarks/data_throughput.py
     python benchmarks/data_throughput.py --videos 8 --seconds 20 --measure decord pyav
+    python benchmarks/data_throughput.py --videos 4 --seconds 6 --size 640x360 --bucket 17x128x128 \
+        --clips-per-video 2 --repeats 8 --measure decord --utilisation   # encoder utilisation on CPU
 """
 
 from __future__ import annotations
