@@ -58,6 +58,7 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
     import deepspeed
 
     from pipeline.data.load.loader import LatentDataset, LatentLoader
+    from pipeline.models.compile import compile_blocks
     from pipeline.models.dit import PoMDiT
     from pipeline.parallel.dims import ParallelDims
     from pipeline.parallel.parallelize import parallelize_pom_dit
@@ -102,6 +103,7 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
     model = PoMDiT(config.model)
     model.set_activation_checkpointing(config.engine.activation_checkpointing)
     parallelize_pom_dit(model, dims)
+    compile_blocks(model, config.model.compile)  # last: compiles what SP and checkpointing made
     # 6. DeepSpeed
     ds_config = build_deepspeed_config(config, layout, device_type=info.device.type)
     if user_deepspeed_config:
