@@ -26,7 +26,7 @@ CASES = {  # name: (variant, causal, sp)
 }
 
 
-def compiled_vs_eager(dims: ParallelDims, variant: str, causal: bool, seed: int = 5) -> dict:
+def compiled_vs_eager(dims: ParallelDims, variant: str, causal: bool, seed: int = 5, **compile_options) -> dict:
     """One forward + backward of the same sharded model, eager and with compiled blocks; the
     relative errors of the output and of the worst parameter gradient (this rank's, local)."""
     options = {"n_sel_heads": 4} if variant == "v2" else {}
@@ -35,7 +35,7 @@ def compiled_vs_eager(dims: ParallelDims, variant: str, causal: bool, seed: int 
     results = []
     for model, compile_it in ((eager, False), (compiled, True)):
         parallelize_pom_dit(model, dims)
-        compile_blocks(model, compile_it)  # last, as the trainer does
+        compile_blocks(model, compile_it, **compile_options)  # last, as the trainer does
         x = tiny_inputs(batch=2, frames=4, seed=seed + 1, causal=causal, mask_last_frame=True)
         local = shard_batch(x["latents"], dims, frame_mask=x["frame_mask"], timesteps=x["timesteps"],
                             target=x["target"])

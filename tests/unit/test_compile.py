@@ -1,6 +1,8 @@
 """torch.compile (inductor, CPU): a PoM layer compiles as one graph (fullgraph=True) with its
-recomputing backward, and a tiny DiT with compiled blocks trains like the eager one (sp=1 here; sp=2
-in tests/distributed/test_sp_compile.py)."""
+recomputing backward, and a tiny DiT whose blocks compile as one graph each (fullgraph=True: v1 and v2
+PoM layers, cross and self, masked and block-causal) trains like the eager one (sp=1 here; sp=2 in
+tests/distributed/test_sp_compile.py). Inductor is slow on 2 cores: the v1 layer is covered inside
+the v1 DiT block rather than compiled alone."""
 
 from __future__ import annotations
 
@@ -13,10 +15,9 @@ from pipeline.parallel.dims import ParallelDims
 from tests.compile_cases import CASES, check, compiled_vs_eager
 
 
-@pytest.mark.parametrize("variant", ["v1", "v2"])
-def test_pom_layer_compiles_as_one_graph(variant):
+def test_pom_layer_compiles_as_one_graph():
     torch.manual_seed(0)
-    layer = PoM(16, 2, 2, variant, **({"n_sel_heads": 4} if variant == "v2" else {}))
+    layer = PoM(16, 2, 2, "v2", n_sel_heads=4)
     x = torch.randn(2, 12, 16, requires_grad=True)
     mask = torch.ones(2, 12, dtype=torch.bool)
     mask[1, 8:] = False  # a padded last frame
@@ -34,7 +35,8 @@ def test_pom_layer_compiles_as_one_graph(variant):
 @pytest.mark.parametrize("case", [name for name, (_, _, sp) in CASES.items() if sp == 1])
 def test_compiled_dit_trains_like_eager(case):
     variant, causal, _ = CASES[case]
-    check(compiled_vs_eager(ParallelDims(dp=1, sp=1), variant, causal))
+    # One device: no reducer to leave out, so a graph break anywhere in a block is an error.
+    check(compiled_vs_eager(ParallelDims(dp=1, sp=1), variant, causal, fullgraph=True))
 
 
 def test_compile_blocks_is_off_unless_enabled_and_needs_blocks():
