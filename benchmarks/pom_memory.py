@@ -147,7 +147,8 @@ def measure(width: int, tokens: int, args, device) -> list[dict]:
                     _set_recompute(module, recompute)
                     inputs = _inputs(width, tokens, mode, device)
                     row = {"width": width, "tokens": tokens, "scope": scope, "mixer": mixer, "mode": mode,
-                           "recompute": recompute, "bytes": saved_bytes(lambda: call(inputs), params)}
+                           "recompute": recompute,
+                           "bytes": saved_bytes(lambda c=call, i=inputs: c(i), params)}
                     timed = tokens <= args.time_max_tokens and mixer != "attention"
                     row["seconds"] = fwd_bwd_seconds(module, call, inputs, args.repeats, device) if timed else None
                     row["peak"] = peak_bytes(module, call, inputs, device) if args.peak else None

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
 from pipeline.models.compile import compile_blocks
 from pipeline.parallel.dims import ParallelDims
 from pipeline.parallel.loss import sequence_parallel_loss
