@@ -16,15 +16,16 @@ from pipeline.parallel.loss import sequence_parallel_loss
 from pipeline.parallel.parallelize import parallelize_pom_dit, shard_batch
 from tests.distributed.harness import relative_error, tiny_dit, tiny_inputs
 
-CASES = {  # name: (variant, causal, sp)
-    "v1-causal-masked-sp1": ("v1", True, 1),
-    "v2-bidirectional-masked-sp1": ("v2", False, 1),
-    "v1-bidirectional-masked-sp2": ("v1", False, 2),
-    "v2-causal-masked-sp2": ("v2", True, 2),
+CASES = {  # name: (variant, causal, sp, activation checkpointing)
+    "v1-causal-masked-sp1": ("v1", True, 1, False),
+    "v2-bidirectional-masked-checkpointing-sp1": ("v2", False, 1, True),
+    "v1-bidirectional-masked-sp2": ("v1", False, 2, False),
+    "v2-causal-masked-sp2": ("v2", True, 2, False),
 }
 
 
-def compiled_vs_eager(dims: ParallelDims, variant: str, causal: bool, seed: int = 5, **compile_options) -> dict:
+def compiled_vs_eager(dims: ParallelDims, variant: str, causal: bool, checkpointing: bool = False, seed: int = 5,
+                      **compile_options) -> dict:
     """One forward + backward of the same sharded model, eager and with compiled blocks; the
     relative errors of the output and of the worst parameter gradient (this rank's, local)."""
     options = {"n_sel_heads": 4} if variant == "v2" else {}
@@ -32,6 +33,7 @@ def compiled_vs_eager(dims: ParallelDims, variant: str, causal: bool, seed: int 
     compiled = copy.deepcopy(eager)
     results = []
     for model, compile_it in ((eager, False), (compiled, True)):
+        model.set_activation_checkpointing(checkpointing)  # the trainer's order: checkpointing, SP, compile
         parallelize_pom_dit(model, dims)
         compile_blocks(model, compile_it, **compile_options)  # last, as the trainer does
         x = tiny_inputs(batch=2, frames=4, seed=seed + 1, causal=causal, mask_last_frame=True)

@@ -10,12 +10,12 @@ from pipeline.parallel.dims import ParallelDims
 from tests.compile_cases import CASES, check, compiled_vs_eager
 from tests.distributed.harness import run_distributed
 
-SP2 = [name for name, (_, _, sp) in CASES.items() if sp == 2]
+SP2 = [name for name, (_, _, sp, _) in CASES.items() if sp == 2]
 
 
 def compile_worker(rank: int, world_size: int) -> dict:
     dims = ParallelDims(dp=1, sp=world_size)
-    return {name: compiled_vs_eager(dims, CASES[name][0], CASES[name][1]) for name in SP2}
+    return {name: compiled_vs_eager(dims, *CASES[name][:2], CASES[name][3]) for name in SP2}
 
 
 @pytest.fixture(scope="module")

@@ -32,11 +32,11 @@ def test_pom_layer_compiles_as_one_graph():
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", [name for name, (_, _, sp) in CASES.items() if sp == 1])
+@pytest.mark.parametrize("case", [name for name, (_, _, sp, _) in CASES.items() if sp == 1])
 def test_compiled_dit_trains_like_eager(case):
-    variant, causal, _ = CASES[case]
+    variant, causal, _, checkpointing = CASES[case]
     # One device: no reducer to leave out, so a graph break anywhere in a block is an error.
-    check(compiled_vs_eager(ParallelDims(dp=1, sp=1), variant, causal, fullgraph=True))
+    check(compiled_vs_eager(ParallelDims(dp=1, sp=1), variant, causal, checkpointing, fullgraph=True))
 
 
 def test_compile_blocks_is_off_unless_enabled_and_needs_blocks():
