@@ -32,6 +32,7 @@ from pipeline.config import ConfigError, Layout, RunConfig
 from pipeline.config_overrides import config_to_dict
 from pipeline.parallel.dims import ParallelDims
 from pipeline.parallel.loss import deepspeed_loss_factor, sequence_parallel_loss
+from pipeline.parallel.parallelize import comm_counter
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.distributed import DistInfo, all_reduce_sum, barrier
 from pipeline.train.faults import pause_point
@@ -114,6 +115,7 @@ class Trainer:
         self.meter = StepMeter(config.model, world_size=info.world_size, device=info.device, peak_flops=peak_flops)
         self._saved_step = start_step if start_step else None
         self._validated_step = start_step if start_step else None  # a finished run resumed: nothing to redo
+        self.comm = comm_counter(engine.module)  # SP collectives, aggregated per logging window
         self._pending: list[StepResult] = []  # steps whose loss / norm are still device tensors
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -213,6 +215,11 @@ class Trainer:
                    "train/epoch": self.loader.epoch, **self.meter.metrics()}
         if result.grad_norm is not None:
             metrics["train/grad_norm"] = result.grad_norm
+        window = self.comm.take_window() if self.comm is not None else {"steps": 0}
+        if self.dims.sp > 1 and window["steps"]:
+            # Payload bytes this rank contributed to SP collectives per optimizer step, by autograd pass.
+            metrics["sp/bytes_per_step/forward"] = window["forward"] / window["steps"]
+            metrics["sp/bytes_per_step/backward"] = window["backward"] / window["steps"]
         self.meter.reset()
         if self.info.is_main:
             self.tracker.log_metrics(metrics, step=self.step)
@@ -239,6 +246,8 @@ class Trainer:
         # Sum of the SP shares, mean over DP groups and micro-batches: the loss single-process training
         # would report. One all-reduce per step, read to the host later (flush_steps).
         loss = all_reduce_sum(loss_sum) / (self.dims.dp * self.layout.grad_accum)
+        if self.comm is not None:
+            self.comm.next_step()
         applied = self.engine.was_step_applied()  # DeepSpeed's overflow check already synchronised
         norm = self.engine.get_global_grad_norm() if applied else None
         return StepResult(loss=loss, skipped=not applied, grad_norm=norm, lr=lr,
