@@ -6,7 +6,9 @@ latent set. Host synchronisations are counted by wrapping the Tensor methods tha
 host (`item`, `tolist`, `numpy`, `__bool__`, `__float__`, `__int__`) during `train_step` + `_after_step`:
 the count of a step with 4 micro-batches per rank equals that of a step with 1 (DeepSpeed's own overflow
 check reads once per optimizer step; our code reads nothing between log points). Then one sample of
-rank 1 holds a NaN: both ranks skip that step and keep their weights.
+rank 1 holds a NaN: both ranks skip that step and keep their weights. The same processes check that
+ZeRO-3 builds the model partitioned with the unsharded weights, and that bf16 runs reduce and accumulate
+gradients in fp32 (engine.grad_dtype).
 """
 
 from __future__ import annotations
@@ -87,7 +89,30 @@ def _worker(rank: int, world: int, base: str) -> dict:
     result["skipped"] = step.skipped
     result["unchanged"] = all(torch.equal(before[n], p.detach()) for n, p in trainer.engine.module.named_parameters())
     result["loss_finite"] = bool(torch.isfinite(step.loss))
+    result.update(_zero3_and_grad_dtype(str(base_path / "clean"), base_path))
     return result
+
+
+def _zero3_and_grad_dtype(data: str, base: Path) -> dict:
+    """ZeRO-3 builds partitioned (deepspeed.zero.Init) with the weights of an unsharded build; a bf16 run
+    reduces and accumulates gradients in fp32."""
+    import deepspeed
+
+    from pipeline.models.dit import PoMDiT
+
+    out = {}
+    trainer = _trainer(data, str(base / "zero3"), micro=4, extra=["engine.zero_stage=3"])
+    params = dict(trainer.engine.module.named_parameters())
+    out["partitioned"] = all(p.ds_tensor.numel() < p.ds_numel for p in params.values() if p.ds_numel >= 64)
+    torch.manual_seed(trainer.config.train.seed)
+    reference = dict(PoMDiT(trainer.config.model).named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        out["zero3_init_differs"] = [n for n, p in params.items() if not torch.equal(p.data, reference[n].data)]
+    out["zero3_step_applied"] = not trainer.train_step(next(trainer._batches())).skipped
+    trainer = _trainer(data, str(base / "bf16"), micro=4, extra=["engine.zero_stage=1", "engine.precision=bf16"])
+    out["bf16_dtypes"] = [str(d) for d in (*trainer.engine.get_data_types(), trainer.engine.communication_data_type)]
+    out["bf16_step_applied"] = not trainer.train_step(next(trainer._batches())).skipped
+    return out
 
 
 def test_host_reads_do_not_grow_with_micro_batches_and_one_rank_nan_skips_everywhere(tmp_path):
@@ -105,3 +130,6 @@ def test_host_reads_do_not_grow_with_micro_batches_and_one_rank_nan_skips_everyw
         assert max(r["reads_1"][1:]) <= 4, f"rank {rank}: {r['reads_1']} host reads per step"
         assert r["skipped"] and r["unchanged"] and not r["loss_finite"], f"rank {rank}: {r}"
     assert [r["nan_on_this_rank"] for r in ranks] == [False, True]
+    for r in ranks:
+        assert r["partitioned"] and r["zero3_init_differs"] == [] and r["zero3_step_applied"]
+        assert r["bf16_dtypes"] == ["torch.bfloat16", "torch.float32", "torch.float32"] and r["bf16_step_applied"]

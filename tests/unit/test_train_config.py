@@ -90,7 +90,16 @@ def test_deepspeed_config_follows_the_dataclasses():
     assert ds["train_batch_size"] == 2 * 4 * 4 == config.data.global_batch_size * 2
     assert ds["zero_optimization"] == {"stage": 3} and ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is False and ds["optimizer"]["params"]["torch_adam"] is True
-    assert build_deepspeed_config(config, layout, device_type="cuda")["bf16"]["enabled"] is True
+    gpu = build_deepspeed_config(config, layout, device_type="cuda")
+    assert gpu["bf16"]["enabled"] is True
+    # bf16 weights, fp32 gradient reduction and accumulation (engine.grad_dtype's default); fp32 runs leave
+    # DeepSpeed's (fp32) defaults.
+    assert gpu["communication_data_type"] == "fp32" and gpu["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert "communication_data_type" not in ds and "data_types" not in ds
+    low = build_deepspeed_config(apply_overrides(config, ["engine.grad_dtype=bfloat16"]), layout, device_type="cuda")
+    assert low["communication_data_type"] == "bf16" and low["data_types"] == {"grad_accum_dtype": "bf16"}
+    with pytest.raises(ConfigError, match="grad_dtype='fp16' is unknown"):
+        apply_overrides(config, ["engine.grad_dtype=fp16"])
     offload = build_deepspeed_config(apply_overrides(config, ["engine.offload_optimizer=true"]), layout,
                                      device_type="cuda")
     assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
