@@ -134,7 +134,7 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config,
                                            lr_scheduler=scheduler)
     # 7. EMA, conditioning, resume, tracking
-    ema = ShardedEMA(engine.module, config.train.ema_decay)
+    ema = ShardedEMA(engine.module, config.train.ema_decay, device=info.device)
     conditioning = load_or_compute(config, dataset, output_dir=output_dir, is_main=info.is_main, device=info.device)
     start_step, counters, run_id = 0, {}, None
     if saved is not None:

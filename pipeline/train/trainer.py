@@ -273,7 +273,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         self.flush_steps()  # steps.jsonl covers every step the checkpoint holds
-        ema_state = self.ema.full_state_dict()  # collective under ZeRO-3
+        ema_state = self.ema.full_state_dict()  # a collective; rank 0 gets the full EMA, the others None
         state = {
             "loader": self.loader.state_dict(),
             "counters": {"nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row},
@@ -281,7 +281,7 @@ class Trainer:
             "world_size": self.info.world_size, "dp": self.dims.dp, "sp": self.dims.sp,
             "zero_stage": self.config.engine.zero_stage, "config": config_to_dict(self.config),
         }
-        folder = ckpt.save(self.engine, self.ckpt_root, self.step, ema_state=ema_state if self.info.is_main else None,
+        folder = ckpt.save(self.engine, self.ckpt_root, self.step, ema_state=ema_state,
                            trainer_state=state, rank=self.info.rank, barrier=barrier)
         self._saved_step = self.step
         if self.info.is_main:
@@ -291,7 +291,7 @@ class Trainer:
         return folder
 
     def validate(self) -> None:
-        ema_state = self.ema.full_state_dict()  # collective under ZeRO-3
+        ema_state = self.ema.full_state_dict()  # a collective; rank 0 gets the full EMA, the others None
         if self.info.is_main:
             start = time.perf_counter()
             written = self.validator.run(ema_state, self.step, self.tracker)

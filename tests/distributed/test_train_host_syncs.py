@@ -7,8 +7,9 @@ host (`item`, `tolist`, `numpy`, `__bool__`, `__float__`, `__int__`) during `tra
 the count of a step with 4 micro-batches per rank equals that of a step with 1 (DeepSpeed's own overflow
 check reads once per optimizer step; our code reads nothing between log points). Then one sample of
 rank 1 holds a NaN: both ranks skip that step and keep their weights. The same processes check that
-ZeRO-3 builds the model partitioned with the unsharded weights, and that bf16 runs reduce and accumulate
-gradients in fp32 (engine.grad_dtype).
+ZeRO-3 builds the model partitioned with the unsharded weights, that bf16 runs reduce and accumulate
+gradients in fp32 (engine.grad_dtype), and that the EMA follows DeepSpeed's fp32 masters (ZeRO-3 and bf16
+ZeRO-1) with each rank keeping only its partition and rank 0 alone receiving the full EMA.
 """
 
 from __future__ import annotations
@@ -108,10 +109,35 @@ def _zero3_and_grad_dtype(data: str, base: Path) -> dict:
     reference = dict(PoMDiT(trainer.config.model).named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values())):
         out["zero3_init_differs"] = [n for n, p in params.items() if not torch.equal(p.data, reference[n].data)]
-    out["zero3_step_applied"] = not trainer.train_step(next(trainer._batches())).skipped
+    out["zero3_ema"] = _ema_of_masters(trainer)
     trainer = _trainer(data, str(base / "bf16"), micro=4, extra=["engine.zero_stage=1", "engine.precision=bf16"])
     out["bf16_dtypes"] = [str(d) for d in (*trainer.engine.get_data_types(), trainer.engine.communication_data_type)]
-    out["bf16_step_applied"] = not trainer.train_step(next(trainer._batches())).skipped
+    out["bf16_ema"] = _ema_of_masters(trainer)
+    return out
+
+
+def _ema_of_masters(trainer) -> dict:
+    """One applied step with EMA decay 0.5: rank 0's full EMA is the average of the fp32 masters before and
+    after (read with DeepSpeed's public safe_get_full_fp32_param); each rank keeps only its partition."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = dict(trainer.engine.module.named_parameters())
+    trainer.ema.decay = 0.5
+    before = {n: safe_get_full_fp32_param(p).clone() for n, p in params.items()}
+    start = trainer.ema.full_state_dict()
+    applied = not trainer.train_step(next(trainer._batches())).skipped
+    trainer.ema.update()
+    after = {n: safe_get_full_fp32_param(p).clone() for n, p in params.items()}
+    full = trainer.ema.full_state_dict()
+    total = sum(t.numel() for t in before.values())
+    out = {"applied": applied, "local_fraction": trainer.ema.local_numel() / total, "full_is_none": full is None,
+           "rank": torch.distributed.get_rank()}
+    if full is not None:
+        out["start_error"] = max(float((start[n] - before[n].cpu()).abs().max()) for n in params)
+        out["error"] = max(float((full[n] - (before[n] + after[n]).cpu() / 2).abs().max()) for n in params)
+        # The masters are not the module's (bf16) weights in a bf16 run: averaging those would differ.
+        out["masters_vs_module"] = max(float((after[n] - p.detach().float()).abs().max()) for n, p in params.items()
+                                       if p.numel() == after[n].numel())
     return out
 
 
@@ -130,6 +156,14 @@ def test_host_reads_do_not_grow_with_micro_batches_and_one_rank_nan_skips_everyw
         assert max(r["reads_1"][1:]) <= 4, f"rank {rank}: {r['reads_1']} host reads per step"
         assert r["skipped"] and r["unchanged"] and not r["loss_finite"], f"rank {rank}: {r}"
     assert [r["nan_on_this_rank"] for r in ranks] == [False, True]
-    for r in ranks:
-        assert r["partitioned"] and r["zero3_init_differs"] == [] and r["zero3_step_applied"]
-        assert r["bf16_dtypes"] == ["torch.bfloat16", "torch.float32", "torch.float32"] and r["bf16_step_applied"]
+    for rank, r in enumerate(ranks):
+        assert r["partitioned"] and r["zero3_init_differs"] == []
+        assert r["bf16_dtypes"] == ["torch.bfloat16", "torch.float32", "torch.float32"]
+        for name in ("zero3_ema", "bf16_ema"):
+            ema = r[name]
+            assert ema["applied"] and ema["full_is_none"] == (rank != 0), f"rank {rank} {name}: {ema}"
+            assert ema["local_fraction"] < 0.52, f"rank {rank} {name}: keeps more than its partition: {ema}"
+    for name in ("zero3_ema", "bf16_ema"):
+        ema = ranks[0][name]
+        assert ema["start_error"] == 0 and ema["error"] < 1e-6, f"{name}: {ema}"
+    assert ranks[0]["bf16_ema"]["masters_vs_module"] > 0
