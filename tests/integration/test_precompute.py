@@ -31,6 +31,7 @@ from pipeline.data.load.loader import LatentDataset, LatentLoader
 from pipeline.data.precompute.config import PrecomputeConfig
 from pipeline.data.precompute.run import PrecomputeError, run_precompute
 from pipeline.data.store.shards import read_errors, read_output_manifest, read_samples, read_shard
+from pipeline.data.store.text_conditioning import read_text_conditioning
 from tests.integration.ray_cluster import start_cluster
 
 pytestmark = pytest.mark.slow
@@ -97,7 +98,9 @@ def shard_bytes(root) -> dict[str, tuple]:
 @pytest.fixture(scope="module")
 def cog_run(local_ray, inputs, tmp_path_factory):
     output = tmp_path_factory.mktemp("cog") / "latents"
-    return output, run_precompute(cog_config(inputs, output))
+    prompts = output.parent / "prompts.txt"
+    prompts.write_text("a vp9 webm video\n\n  a portrait video  \n")  # the blank line is skipped
+    return output, run_precompute(cog_config(inputs, output, validation_prompts=str(prompts)))
 
 
 def test_cogvideox_t5_shards_manifest_and_errors(cog_run, inputs, capsys):
@@ -136,6 +139,18 @@ def test_cogvideox_t5_shards_manifest_and_errors(cog_run, inputs, capsys):
         emb, mask = t5.encode([s["caption"]])
         torch.testing.assert_close(s["text"], emb[0, mask[0]])
         assert s["clip_end"] == pytest.approx(s["clip_start"] + 9 / 8) and s["fps"] == 8.0
+
+    # The text conditioning beside the latents: "" and the prompts, encoded like the captions.
+    conditioning = read_text_conditioning(output)
+    assert conditioning.prompts == ["a vp9 webm video", "a portrait video"]
+    assert fingerprint_diff(conditioning.text_encoder, t5.fingerprint()) == []
+    emb, mask = t5.encode(["", *conditioning.prompts])
+    torch.testing.assert_close(conditioning.null_text, emb[0, mask[0]])
+    assert conditioning.null_mask.all() and conditioning.null_text.shape[0] == int(mask[0].sum()) >= 1
+    for i in range(2):
+        length = int(mask[i + 1].sum())
+        assert conditioning.prompt_mask[i].tolist() == [True] * length + [False] * (conditioning.prompt_mask.shape[1] - length)
+        torch.testing.assert_close(conditioning.prompt_text[i, :length], emb[i + 1, :length])
 
 
 def test_second_run_skips_finished_units(cog_run, inputs, capsys):

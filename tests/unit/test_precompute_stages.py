@@ -66,7 +66,8 @@ def test_config_errors_name_the_field(tmp_path):
                           ({"vae": "cogvideox"}, "needs vae_path"),
                           ({"storage_dtype": "int8"}, "storage_dtype='int8'"),
                           ({"rows_per_work_unit": 0}, "rows_per_work_unit=0"),
-                          ({"text_encoder": "t5", "text_encoder_path": None}, "needs text_encoder_path")]:
+                          ({"text_encoder": "t5", "text_encoder_path": None}, "needs text_encoder_path"),
+                          ({"validation_prompts": str(tmp_path / "p.txt")}, "validation_prompts=.*one prompt per line")]:
         with pytest.raises(ValueError, match=match):
             PrecomputeConfig(**{**ok, **change})
 
@@ -78,8 +79,10 @@ def test_flags_build_the_config(tmp_path):
     args = parser.parse_args(["--manifest", str(tmp_path), "--out", str(tmp_path / "o"), "--vae", "pixel",
                               "--vae-config", f"@{tmp_path / 'vae.json'}", "--text-encoder", "clip",
                               "--text-encoder-config", '{"embed_dim": 8}', "--num-gpus-per-actor", "0.5",
-                              "--rows-per-work-unit", "4", "--overwrite", "--no-progress"])
+                              "--rows-per-work-unit", "4", "--overwrite", "--no-progress",
+                              "--validation-prompts", str(tmp_path / "vae.json")])
     config = config_from_args(args)
+    assert config.read_validation_prompts() == ['{"spatial": 4}']
     assert config.vae_config == {"spatial": 4} and config.text_encoder_config == {"embed_dim": 8}
     assert (config.num_gpus_per_actor, config.rows_per_work_unit, config.overwrite, config.progress) == (0.5, 4, True, False)
     assert config.vae_build_kwargs()["device"] == "cuda" and config.text_gpus == 0.5

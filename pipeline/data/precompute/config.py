@@ -85,6 +85,9 @@ class PrecomputeConfig:
     """CPUs each text actor reserves."""
     write_num_cpus: float = 0.25
     """CPUs each shard-writing task reserves (writing is mostly I/O)."""
+    validation_prompts: str | None = None
+    """Text file, one prompt per line: their embeddings are stored in text_conditioning.safetensors
+    beside the null caption's (always stored), for validation samples without a text encoder."""
     overwrite: bool = False
     """Delete an existing output made with other encoders, buckets or settings instead of refusing."""
     ray_address: str | None = None
@@ -147,8 +150,20 @@ class PrecomputeConfig:
             value = getattr(self, name)
             if value is not None and value not in STORAGE_DTYPES:
                 raise ValueError(f"PrecomputeConfig.{name}={value!r}: use one of {list(STORAGE_DTYPES)} or None")
+        if self.validation_prompts is not None:
+            if not os.path.isfile(self.validation_prompts):
+                raise ValueError(f"PrecomputeConfig.validation_prompts={self.validation_prompts!r} is not a file: "
+                                 "give a text file with one prompt per line")
+            self.validation_prompts = os.path.abspath(self.validation_prompts)
         if self.text_max_length is not None and (not isinstance(self.text_max_length, int) or self.text_max_length < 1):
             raise ValueError(f"PrecomputeConfig.text_max_length={self.text_max_length!r}: an integer >= 1 or None")
+
+    def read_validation_prompts(self) -> list[str]:
+        """The prompts of `validation_prompts`, one per non-blank line (stripped); [] without a file."""
+        if self.validation_prompts is None:
+            return []
+        with open(self.validation_prompts, encoding="utf-8") as handle:
+            return [line.strip() for line in handle if line.strip()]
 
     def bucket_table(self) -> BucketTable:
         return self.buckets if isinstance(self.buckets, BucketTable) else parse_buckets(self.buckets)

@@ -40,6 +40,7 @@ from pipeline.data.store.shards import (
     shard_path,
     write_output_manifest,
 )
+from pipeline.data.store.text_conditioning import from_bytes, write_text_conditioning
 
 __all__ = ["PrecomputeConfig", "PrecomputeError", "run_precompute", "format_summary"]
 SETTING_FIELDS = ("fps", "clips_per_video", "storage_dtype", "rows_per_work_unit")
@@ -120,24 +121,61 @@ def describe_vae(kind: str, build_kwargs: dict, buckets: str) -> dict:
     return {"fingerprint": vae.fingerprint(), "latent_shapes": shapes, "latent": latent}
 
 
-def describe_text(kind: str, build_kwargs: dict) -> dict:
+def describe_text(kind: str, build_kwargs: dict, prompts: list[str] | None = None,
+                  storage_dtype: str = "float32") -> dict:
+    """Fingerprint and width of the text encoder, and (with `prompts` not None) the text conditioning:
+    the safetensors bytes of the null caption's and the prompts' embeddings (see encode_conditioning)."""
     from pipeline.data.encode.text_factory import build_text_encoder
 
     encoder = build_text_encoder(kind, **build_kwargs)
-    return {"fingerprint": encoder.fingerprint(), "dim": encoder.dim, "max_length": encoder.max_length}
+    out = {"fingerprint": encoder.fingerprint(), "dim": encoder.dim, "max_length": encoder.max_length}
+    if prompts is not None:
+        out["conditioning"] = encode_conditioning(encoder, prompts, storage_dtype=storage_dtype)
+    return out
+
+
+def encode_conditioning(encoder, prompts: list[str], *, storage_dtype: str) -> bytes:
+    """text_conditioning.safetensors's bytes: "" and every prompt encoded like a caption (valid tokens
+    only), rounded to the shards' storage dtype so that the null caption matches the captions' precision."""
+    import torch
+
+    from pipeline.data.store.shards import STORAGE_DTYPES
+    from pipeline.data.store.text_conditioning import TextConditioning, pad_embeddings, to_bytes
+
+    def valid_tokens(captions: list[str]) -> list[torch.Tensor]:
+        out = []
+        for first in range(0, len(captions), 32):
+            emb, mask = encoder.encode(captions[first:first + 32])  # (B, L, D), (B, L)
+            out += [e[m].to(STORAGE_DTYPES[storage_dtype]).float().cpu() for e, m in zip(emb, mask)]
+        return out
+
+    null = valid_tokens([""])[0]  # (L0, D)
+    null_mask = torch.ones(null.shape[0], dtype=torch.bool)
+    if null.shape[0] == 0:  # an encoder whose "" has no valid token: one masked-out zero token
+        null, null_mask = torch.zeros(1, encoder.dim), torch.zeros(1, dtype=torch.bool)
+    prompt_text = prompt_mask = None
+    if prompts:
+        prompt_text, prompt_mask = pad_embeddings(valid_tokens(list(prompts)), encoder.dim)  # (P, L, D), (P, L)
+    return to_bytes(TextConditioning(null_text=null, null_mask=null_mask, prompts=list(prompts),
+                                     prompt_text=prompt_text, prompt_mask=prompt_mask,
+                                     text_encoder=encoder.fingerprint()))
 
 
 def describe_encoders(config: PrecomputeConfig) -> tuple[dict, dict]:
-    """Load each encoder once: fingerprints, latent shapes, text dim.
+    """Load each encoder once: fingerprints, latent shapes, text dim, the text conditioning's bytes.
 
     An encoder that runs on GPU actors is loaded in a Ray task with the same GPUs (the driver may be a
     small head node); a CPU one is loaded right here, which saves starting a worker.
     """
     import ray
 
+    # The text conditioning is encoded where the text actors run (a GPU worker for a T5-XXL), not on
+    # a driver that may have no GPU.
+    text_args = (config.text_encoder, config.text_build_kwargs(), config.read_validation_prompts(),
+                 config.storage_dtype)
     jobs = ((describe_vae, (config.vae, config.vae_build_kwargs(), str(config.bucket_table())),
              config.vae_num_cpus, config.num_gpus_per_actor),
-            (describe_text, (config.text_encoder, config.text_build_kwargs()), config.text_num_cpus, config.text_gpus))
+            (describe_text, text_args, config.text_num_cpus, config.text_gpus))
     refs = [ray.remote(fn).options(num_cpus=cpus, num_gpus=gpus).remote(*args) if gpus else None
             for fn, args, cpus, gpus in jobs]
     out = []
@@ -294,6 +332,7 @@ def run_precompute(config: PrecomputeConfig) -> dict:
         vae, text = describe_encoders(config)
         manifest = build_output_manifest(config, vae, text, len(records))
         prepare_output(config, manifest)
+        write_text_conditioning(config.output, from_bytes(text.pop("conditioning"), source="the text encoder"))
         units = make_work_units(records, rows_per_unit=config.rows_per_work_unit,
                                 settings_hash=manifest["settings_hash"])
         pending = [u for u in units if not shard_path(config.output, u.unit_id).exists()]
