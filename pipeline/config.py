@@ -430,17 +430,20 @@ def _gpu_recipe(name: str, size: str, *, micro: int, checkpointing: bool) -> Run
 
 
 def S() -> RunConfig:  # noqa: N802 (recipe names follow the model sizes)
-    """PoM DiT-S (33M) on GPUs: bf16, ZeRO-2, global batch 256."""
+    """PoM DiT-S (75M parameters with its 16-channel latents and 4096-wide captions) on GPUs: bf16, ZeRO-2,
+    global batch 256."""
     return _gpu_recipe("S", "S", micro=16, checkpointing=False)
 
 
 def B() -> RunConfig:  # noqa: N802
-    """PoM DiT-B (130M) on GPUs: bf16, ZeRO-2, global batch 256."""
+    """PoM DiT-B (296M parameters with its 16-channel latents and 4096-wide captions) on GPUs: bf16, ZeRO-2,
+    global batch 256."""
     return _gpu_recipe("B", "B", micro=8, checkpointing=False)
 
 
 def XL() -> RunConfig:  # noqa: N802
-    """PoM DiT-XL (675M) on GPUs: bf16, ZeRO-2, activation checkpointing, global batch 256."""
+    """PoM DiT-XL (1535M parameters with its 16-channel latents and 4096-wide captions) on GPUs: bf16, ZeRO-2,
+    activation checkpointing, global batch 256."""
     return _gpu_recipe("XL", "XL", micro=4, checkpointing=True)
 
 

@@ -164,3 +164,18 @@ def test_resumed_schedule_keeps_the_step_and_takes_the_new_config():
     assert optimizer2.param_groups[0]["lr"] == pytest.approx(2e-3 * make_schedule(longer)(5))
     reapply_schedule(scheduler, optimizer, config)  # nothing changed: nothing moves
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * make_schedule(config)(5))
+
+
+@pytest.mark.parametrize("name", ["S", "B", "XL", "demo"])
+def test_recipe_docstrings_state_the_sizes_the_code_builds(name):
+    import re
+
+    import torch
+
+    from pipeline.models.dit import PoMDiT
+
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = PoMDiT(get_recipe(name).model)
+    built = sum(p.numel() for p in model.parameters()) / 1e6
+    stated = float(re.search(r"(\d+(?:\.\d+)?)M[ -]param", RECIPES[name].__doc__).group(1))
+    assert stated == round(built, 1 if built < 10 else 0), f"{name}: docstring says {stated}M, the model has {built:.2f}M"
