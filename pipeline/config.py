@@ -192,6 +192,11 @@ class FlowConfig:
     loss_on_clean_frames: bool = False
     """Count token-frames at t = 0 (clean prefix) in the loss; False leaves them out."""
 
+    causal_per_sample_timesteps: bool = False
+    """Allow a block-causal model (model.causal=true) to train with one timestep per video. Off by default:
+    frame-sequential sampling denoises a frame next to clean earlier frames, which such a model never saw
+    in training; per_frame_timesteps=true (diffusion forcing) trains exactly that case."""
+
     def __post_init__(self):
         if not self.logit_std > 0:
             raise ConfigError(f"FlowConfig.logit_std={self.logit_std!r} must be > 0")
@@ -372,6 +377,15 @@ class RunConfig:
                 raise ConfigError(f"RunConfig.{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
         if self.train.stop_at > self.train.steps:
             raise ConfigError(f"TrainConfig.stop_at={self.train.stop_at} is past steps={self.train.steps}")
+
+    def check_training(self) -> None:
+        """Checks across sections that only training needs (after every --set, so their order does not matter)."""
+        if self.model.causal and not (self.flow.per_frame_timesteps or self.flow.causal_per_sample_timesteps):
+            raise ConfigError(
+                "model.causal=true trains a frame-sequential model, which samples each frame next to clean earlier "
+                "frames: set flow.per_frame_timesteps=true (one timestep per latent frame, diffusion forcing; "
+                "flow.clean_prefix_prob adds clean prefixes), or flow.causal_per_sample_timesteps=true to train "
+                "with one timestep per video anyway")
 
     def layout(self, world_size: int) -> Layout:
         """dp, sp and gradient accumulation for `world_size` processes; ConfigError if they do not fit."""

@@ -96,6 +96,7 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
 
     # 1-2. processes, layout. What can be checked from files and the launcher's WORLD_SIZE is checked
     # first, so a bad config fails before the slow start of DeepSpeed.
+    config.check_training()
     config.layout(int(os.environ.get("WORLD_SIZE", "1")))
     if not config.data.path:
         raise ConfigError("data.path is empty: pass --data FOLDER (a `pomvid precompute` output)")

@@ -179,3 +179,13 @@ def test_recipe_docstrings_state_the_sizes_the_code_builds(name):
     built = sum(p.numel() for p in model.parameters()) / 1e6
     stated = float(re.search(r"(\d+(?:\.\d+)?)M[ -]param", RECIPES[name].__doc__).group(1))
     assert stated == round(built, 1 if built < 10 else 0), f"{name}: docstring says {stated}M, the model has {built:.2f}M"
+
+
+def test_causal_training_needs_per_frame_timesteps_unless_opted_out():
+    with pytest.raises(ConfigError, match="model.causal=true .* set flow.per_frame_timesteps=true"):
+        apply_overrides(get_recipe("debug"), ["model.causal=true"]).check_training()
+    diffusion_forcing = apply_overrides(get_recipe("debug"), ["model.causal=true", "flow.per_frame_timesteps=true"])
+    diffusion_forcing.check_training()
+    opted_out = apply_overrides(get_recipe("debug"), ["model.causal=true", "flow.causal_per_sample_timesteps=true"])
+    opted_out.check_training()
+    assert not opted_out.flow.per_frame_timesteps
