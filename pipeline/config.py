@@ -243,6 +243,11 @@ class TrainConfig:
     peak_tflops: float = 0.0
     """Peak TFLOP/s of one accelerator for MFU; 0: measure a bf16 matmul at start (GPU only)."""
 
+    init_from: str = ""
+    """Start from these weights instead of a random init: a run / checkpoint folder (its EMA, else its
+    model weights), an export folder or a .safetensors file (pipeline/train/init_from.py). Other frames or
+    resolution are fine; other tensor shapes are an error. Ignored when the run resumes. "": random init."""
+
     def __post_init__(self):
         _positive_int("TrainConfig", "steps", self.steps)
         for name in ("stop_at", "seed", "checkpoint_every", "keep_checkpoints"):

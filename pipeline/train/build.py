@@ -90,6 +90,7 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
         reapply_schedule,
     )
     from pipeline.train.ema import ShardedEMA
+    from pipeline.train.init_from import load_init_weights
     from pipeline.train.metrics import measure_matmul_peak
     from pipeline.train.trainer import Trainer, check_buckets, fit_data_dims
     from pipeline.train.validation import Validator
@@ -129,6 +130,10 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
     # 6. model, sequence parallelism, engine
     torch.manual_seed(config.train.seed)
     model = build_model(config, ds_config)
+    if config.train.init_from and saved is None:
+        source = load_init_weights(model, config.train.init_from)
+        if info.is_main:
+            log.info("initial weights: %s", source)
     model.set_activation_checkpointing(config.engine.activation_checkpointing)
     parallelize_pom_dit(model, dims)
     scheduler = None if "scheduler" in ds_config else lr_scheduler_factory(config)

@@ -110,6 +110,21 @@ def _zero3_and_grad_dtype(data: str, base: Path) -> dict:
     with deepspeed.zero.GatheredParameters(list(params.values())):
         out["zero3_init_differs"] = [n for n, p in params.items() if not torch.equal(p.data, reference[n].data)]
     out["zero3_ema"] = _ema_of_masters(trainer)
+    # train.init_from into a ZeRO-3 partitioned model (before DeepSpeed builds its masters).
+    from safetensors.torch import save_file
+
+    from pipeline.train.build import build_model
+    from pipeline.train.init_from import load_init_weights
+
+    weights = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, (n, p) in
+               enumerate(reference.items())}
+    if torch.distributed.get_rank() == 0:
+        save_file(weights, str(base / "init.safetensors"))
+    torch.distributed.barrier()
+    model = build_model(trainer.config, trainer.ds_config)
+    load_init_weights(model, str(base / "init.safetensors"))
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        out["zero3_init_from_differs"] = [n for n, p in model.named_parameters() if not torch.equal(p.data, weights[n])]
     trainer = _trainer(data, str(base / "bf16"), micro=4, extra=["engine.zero_stage=1", "engine.precision=bf16"])
     out["bf16_dtypes"] = [str(d) for d in (*trainer.engine.get_data_types(), trainer.engine.communication_data_type)]
     out["bf16_ema"] = _ema_of_masters(trainer)
@@ -157,7 +172,7 @@ def test_host_reads_do_not_grow_with_micro_batches_and_one_rank_nan_skips_everyw
         assert r["skipped"] and r["unchanged"] and not r["loss_finite"], f"rank {rank}: {r}"
     assert [r["nan_on_this_rank"] for r in ranks] == [False, True]
     for rank, r in enumerate(ranks):
-        assert r["partitioned"] and r["zero3_init_differs"] == []
+        assert r["partitioned"] and r["zero3_init_differs"] == [] and r["zero3_init_from_differs"] == []
         assert r["bf16_dtypes"] == ["torch.bfloat16", "torch.float32", "torch.float32"]
         for name in ("zero3_ema", "bf16_ema"):
             ema = r[name]
