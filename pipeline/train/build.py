@@ -172,8 +172,10 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
     peak = None
     if info.device.type == "cuda":
         peak = config.train.peak_tflops * 1e12 if config.train.peak_tflops else measure_matmul_peak(info.device)
+    # The first SP group (ranks 0..sp-1) samples validation videos together, in the training dtype.
     validator = Validator(config, config.model, conditioning, manifest=dataset.manifest, output_dir=output_dir,
-                          device=info.device) if info.is_main else None
+                          device=info.device, dims=dims, dtype=next(engine.module.parameters()).dtype
+                          ) if dims.dp_rank == 0 else None
     barrier()
     return Trainer(config=config, layout=layout, info=info, dims=dims, dataset=dataset, loader=loader, engine=engine,
                    ema=ema, conditioning=conditioning, tracker=tracker, validator=validator, ds_config=ds_config,

@@ -292,11 +292,13 @@ class Trainer:
 
     def validate(self) -> None:
         ema_state = self.ema.full_state_dict()  # a collective; rank 0 gets the full EMA, the others None
-        if self.info.is_main:
+        if self.validator is not None:  # the first SP group samples together (pipeline/train/validation.py)
             start = time.perf_counter()
             written = self.validator.run(ema_state, self.step, self.tracker)
-            self.tracker.log_metrics({"validation/seconds": time.perf_counter() - start}, step=self.step)
-            log.info("validation at step %d: %s", self.step, ", ".join(p.name for p in written))
+            if self.info.is_main:
+                self.tracker.log_metrics({"validation/seconds": time.perf_counter() - start}, step=self.step)
+                log.info("validation at step %d: %s", self.step, ", ".join(p.name for p in written))
+        del ema_state
         self._validated_step = self.step
         barrier()
 
