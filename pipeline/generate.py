@@ -291,15 +291,27 @@ class VideoGenerator:
         return shape
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], options: SampleOptions) -> list[GeneratedVideo]:
-        """One video per prompt; prompt i starts from the noise of seed options.seed + i."""
+    def generate(self, prompts: list[str], options: SampleOptions, *, dims=None) -> list[GeneratedVideo]:
+        """One video per prompt; prompt i starts from the noise of seed options.seed + i.
+
+        `dims` (a ParallelDims with dp=1, every rank calling): sample each video across its SP group with
+        the frames sharded (pipeline/parallel/sampling.py); rank 0 decodes and gets the videos, the other
+        ranks an empty list."""
         from pipeline.models.sampler import SamplerConfig, initial_noise, sample, sample_sequential
+        from pipeline.parallel.parallelize import comm_counter, parallelize_pom_dit
+        from pipeline.parallel.sampling import sample_sequence_parallel
 
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise SampleError(f"prompts={prompts!r:.120}: give a list of non-empty captions")
         if options.sequential and not self.model.config.causal:
             raise SampleError(f"--sequential needs a block-causal model (model.causal=true), and the model of "
                               f"{self.checkpoint} is bidirectional; sample it without --sequential")
+        sharded = dims is not None and dims.sp > 1
+        if sharded and options.sequential:
+            raise SampleError("--sequential runs one process with per-layer caches; with --sp > 1 a block-causal "
+                              "model samples frame by frame over the SP group: drop --sequential")
+        if sharded and comm_counter(self.model) is None:
+            parallelize_pom_dit(self.model, dims)
         shape = self.latent_shape(options)
         sampler = SamplerConfig(steps=options.steps, guidance=options.guidance, shift=options.shift,
                                 solver=options.solver)
@@ -312,8 +324,14 @@ class VideoGenerator:
             text, mask = self.text_encoder.encode(batch)  # (B, L, D), (B, L)
             noise = torch.cat([initial_noise((1, *shape), options.seed + first + i, device=self.device)
                                for i in range(len(batch))])  # (B, C, T, H, W)
-            run = sample_sequential if options.sequential else sample
-            latents = run(self.model, noise, text.to(self.device), mask.to(self.device), config=sampler, **null)
+            if sharded:
+                latents = sample_sequence_parallel(self.model, noise, text.to(self.device), mask.to(self.device),
+                                                   dims=dims, config=sampler, **null)
+                if dims.rank != 0:
+                    continue  # the same latents on every rank: rank 0 decodes
+            else:
+                run = sample_sequential if options.sequential else sample
+                latents = run(self.model, noise, text.to(self.device), mask.to(self.device), config=sampler, **null)
             videos = self.vae.decode(latents).float().clamp(-1, 1).cpu()  # (B, 3, T, H, W)
             seconds = (time.perf_counter() - start) / len(batch)
             for i, prompt in enumerate(batch):
