@@ -295,8 +295,9 @@ class VideoGenerator:
         """One video per prompt; prompt i starts from the noise of seed options.seed + i.
 
         `dims` (a ParallelDims with dp=1, every rank calling): sample each video across its SP group with
-        the frames sharded (pipeline/parallel/sampling.py); rank 0 decodes and gets the videos, the other
-        ranks an empty list."""
+        the frames sharded (pipeline/parallel/sampling.py; a block-causal model frame by frame, the PoM
+        caches handed from rank to rank, with or without `sequential`); rank 0 decodes and gets the
+        videos, the other ranks an empty list."""
         from pipeline.models.sampler import SamplerConfig, initial_noise, sample, sample_sequential
         from pipeline.parallel.parallelize import comm_counter, parallelize_pom_dit
         from pipeline.parallel.sampling import sample_sequence_parallel
@@ -307,9 +308,6 @@ class VideoGenerator:
             raise SampleError(f"--sequential needs a block-causal model (model.causal=true), and the model of "
                               f"{self.checkpoint} is bidirectional; sample it without --sequential")
         sharded = dims is not None and dims.sp > 1
-        if sharded and options.sequential:
-            raise SampleError("--sequential runs one process with per-layer caches; with --sp > 1 a block-causal "
-                              "model samples frame by frame over the SP group: drop --sequential")
         if sharded and comm_counter(self.model) is None:
             parallelize_pom_dit(self.model, dims)
         shape = self.latent_shape(options)
