@@ -28,6 +28,20 @@ CASES = {"bidirectional-euler": (False, "euler"), "bidirectional-heun": (False, 
 FRAMES, BATCH = 5, 2
 
 
+def _count_forwards(model) -> dict:
+    """Counts the model's full-sequence forwards and its cached one-frame forwards from now on."""
+    calls = {"frame": 0, "full": 0}
+    model.register_forward_hook(lambda *_: calls.__setitem__("full", calls["full"] + 1))
+    frame_forward = model.forward_frame
+
+    def counted(*args, **kwargs):
+        calls["frame"] += 1
+        return frame_forward(*args, **kwargs)
+
+    model.forward_frame = counted
+    return calls
+
+
 def sampling_worker(rank: int, world_size: int) -> dict:
     dims = ParallelDims(dp=1, sp=world_size)
     results = {}
@@ -39,15 +53,7 @@ def sampling_worker(rank: int, world_size: int) -> dict:
         config = SamplerConfig(steps=3, guidance=2.5, shift=2.0, solver=solver)
         noise = initial_noise((BATCH, CHANNELS, FRAMES, SIDE, SIDE), seed=60 + i)  # same on every rank
         parallelize_pom_dit(model, dims)
-        calls = {"frame": 0, "full": 0}
-        model.register_forward_hook(lambda *_: calls.__setitem__("full", calls["full"] + 1))
-        frame_forward = model.forward_frame
-
-        def counted(*args, **kwargs):
-            calls["frame"] += 1
-            return frame_forward(*args, **kwargs)
-
-        model.forward_frame = counted
+        calls = _count_forwards(model)
         video = sample_sequence_parallel(model, noise, x["text"], x["text_mask"], dims=dims, config=config,
                                          null_text=null_text, null_mask=null_mask)
         expected = sample(reference, noise, x["text"], x["text_mask"], config=config, null_text=null_text,
