@@ -59,6 +59,8 @@ def add_sample_args(parser: argparse.ArgumentParser) -> None:
                         help="pixel-repeat factor of the written videos (default: a viewing size)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to sample (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the model's dtype while sampling (bfloat16: the GPU recipes' training dtype)")
     parser.add_argument("--sp", type=int, default=1,
                         help="processes that sample each video together (sequence parallelism; default: 1)")
     parser.add_argument("--master-port", "--master_port", dest="master_port", type=int, default=None,
@@ -80,7 +82,8 @@ def forwarded_args(args: argparse.Namespace) -> list[str]:
     """The options of `args` again, for the processes the launcher starts."""
     out = ["--checkpoint", args.checkpoint, "--out", args.out, "--steps", str(args.steps), "--cfg", str(args.cfg),
            "--shift", str(args.shift), "--solver", args.solver, "--seed", str(args.seed),
-           "--batch-size", str(args.batch_size), "--device", args.device, "--sp", str(args.sp)]
+           "--batch-size", str(args.batch_size), "--device", args.device, "--sp", str(args.sp),
+           "--dtype", args.dtype]
     for prompt in args.prompt:
         out += ["--prompt", prompt]
     for flag, value in (("--prompts-file", args.prompts_file), ("--frames", args.frames), ("--height", args.height),
@@ -122,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         options = SampleOptions(frames=args.frames, height=args.height, width=args.width, steps=args.steps,
                                 guidance=args.cfg, shift=args.shift, solver=args.solver, seed=args.seed,
                                 sequential=args.sequential, batch_size=args.batch_size)
-        generator = VideoGenerator.load(args.checkpoint, device=device)
+        generator = VideoGenerator.load(args.checkpoint, device=device, dtype=args.dtype)
         generator.latent_shape(options)  # a size the model cannot make fails before any work
         videos = generator.generate(prompts, options, dims=dims)
     except SampleError as err:
