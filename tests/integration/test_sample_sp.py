@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from pipeline.cli import main as pomvid
 from pipeline.data.encode.text_clip import make_tiny_clip
 from pipeline.media import read_video
 from tests.deepspeed_launch import ROOT, cpu_env, free_port, output_of
@@ -18,19 +19,18 @@ from tests.unit.test_generate import TEXT_DIM, make_run
 pytestmark = pytest.mark.slow
 
 
-def _sample(out, run, *extra):
-    args = ["--checkpoint", str(run), "--prompt", "a red square moving up", "--prompt", "a blue ball",
-            "--steps", "3", "--cfg", "2", "--seed", "4", "--device", "cpu", "--out", str(out), *extra]
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "sample", *args], cwd=ROOT, env=cpu_env(),
-                          capture_output=True, text=True, timeout=400)
+def _args(out, run) -> list[str]:
+    return ["--checkpoint", str(run), "--prompt", "a red square moving up", "--prompt", "a blue ball",
+            "--steps", "3", "--cfg", "2", "--seed", "4", "--device", "cpu", "--out", str(out)]
 
 
 def test_sample_sp2_through_the_launcher_writes_the_same_videos_as_sp1(tmp_path):
     clip = make_tiny_clip(tmp_path / "clip", width=TEXT_DIM, context_length=8)
     run = make_run(tmp_path / "run", clip)
-    one = _sample(tmp_path / "sp1", run)
-    assert one.returncode == 0, output_of(one)
-    two = _sample(tmp_path / "sp2", run, "--sp", "2", "--master-port", str(free_port()))
+    assert pomvid(["sample", *_args(tmp_path / "sp1", run)]) == 0  # one process, here
+    two = subprocess.run([sys.executable, "-m", "pipeline.cli", "sample", *_args(tmp_path / "sp2", run), "--sp", "2",
+                          "--master-port", str(free_port())], cwd=ROOT, env=cpu_env(), capture_output=True, text=True,
+                         timeout=400)
     assert two.returncode == 0, output_of(two)
     rows = {name: list(csv.DictReader(open(tmp_path / name / "samples.csv"))) for name in ("sp1", "sp2")}
     assert [r["prompt"] for r in rows["sp2"]] == ["a red square moving up", "a blue ball"]
