@@ -99,7 +99,8 @@ def write_latents(root: Path, *, count: int = 16, shards: int = 2, seed: int = 0
                   nan_samples: tuple[int, ...] = (), shape: tuple[int, int, int, int] = LATENT_SHAPE) -> Path:
     """A finished latent data set of `count` random samples of `shape` (C, T, H, W) in one bucket; samples
     in `nan_samples` hold a NaN (a corrupt latent, for the non-finite tests)."""
-    from pipeline.data.store.shards import ShardRow, finish_manifest, shard_path, shard_table, write_shard
+    from pipeline.data.store.index import finish_manifest
+    from pipeline.data.store.shards import ShardRow, shard_path, shard_table, write_shard
 
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
