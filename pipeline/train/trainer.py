@@ -218,7 +218,7 @@ class Trainer:
 
     def _log_metrics(self, result: StepResult) -> None:
         metrics = {"train/loss": result.loss, "train/lr": result.lr, "train/skipped_steps": self.nonfinite_total,
-                   "train/epoch": self.loader.epoch, **self.meter.metrics()}
+                   "train/epoch": self.loader.epoch, **self.meter.metrics(), **self.loader.perf_metrics()}
         if result.grad_norm is not None:
             metrics["train/grad_norm"] = result.grad_norm
         window = self.comm.take_window() if self.comm is not None else {"steps": 0}
