@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.store.shards import ShardRow, finish_manifest, shard_path, shard_table, write_shard
+from pipeline.data.store.index import finish_manifest
+from pipeline.data.store.shards import ShardRow, shard_path, shard_table, write_shard
 
 CHANNELS, TEXT_DIM = 2, 3
 

@@ -87,8 +87,14 @@ def run(args) -> int:
 
     try:
         config = config_from_args(args)
+        if config.plan_only:  # counts only: no MLflow run, nothing written to the output
+            summary = run_precompute(config)
+            if args.summary_json:
+                with open(args.summary_json, "w") as f:
+                    json.dump(summary, f, indent=2)
+            return 0
         tracker = _start_tracking(args, config)
-    except (ValueError, ManifestError, TrackingError) as err:
+    except (ValueError, ManifestError, TrackingError, PrecomputeError) as err:
         print(f"pomvid precompute: {err}", file=sys.stderr)
         return 2
     status = "FAILED"
@@ -124,7 +130,7 @@ def _start_tracking(args, config):
 def _log_summary(tracker, config, summary: dict) -> None:
     from pathlib import Path
 
-    counts = {k: summary[k] for k in ("videos_in", "clips_out", "failed_videos", "work_units",
+    counts = {k: summary[k] for k in ("videos_in", "clips_out", "failed_videos", "long_captions", "work_units",
                                       "work_units_written", "work_units_skipped", "clips_this_run")}
     tracker.log_precompute_summary(
         counts=counts, elapsed_s=summary["total_seconds"], failures_by_reason=summary["failures_by_reason"],

@@ -188,7 +188,7 @@ def precompute(paths: DemoPaths, settings: DemoSettings, manifest: Path, *, say)
         tracker.end(status)
     if summary["status"] != "complete" or not summary["clips_out"]:
         raise DemoError(f"precompute did not finish ({summary['status']}, {summary['clips_out']} clips); "
-                        f"see {paths.latents}/errors/*.jsonl and {paths.root / 'precompute.log'}")
+                        f"see {paths.latents}/errors/*/*.jsonl and {paths.root / 'precompute.log'}")
     return summary
 
 

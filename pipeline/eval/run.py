@@ -104,8 +104,10 @@ def load_prompts(source: str, count: int) -> list[str]:
         raise EvalError(f"--prompts {source}: no manifest.json in {root}; give a text file with one prompt per "
                         "line or a latent data set made by pomvid precompute")
     captions: list[str] = []
-    for entry in manifest.get("shards", []):
-        captions += [c for c in read_shard(root / entry["file"], columns=["caption"]).column("caption").to_pylist() if c]
+    from pipeline.data.store.index import read_index
+
+    for file in read_index(root, columns=["file"]).column("file").to_pylist():
+        captions += [c for c in read_shard(root / file, columns=["caption"]).column("caption").to_pylist() if c]
         if len(captions) >= count:
             break
     if not captions:

@@ -20,13 +20,14 @@ PREFIX = "precompute/"
 
 
 def failures_from_errors(errors_path: str | Path) -> dict[str, int]:
-    """Count failures by their `reason` field in an errors JSONL file or a folder of `*.jsonl` files.
+    """Count failures by their `reason` field in an errors JSONL file or a folder (and its sub-folders)
+    of `*.jsonl` files.
 
     Lines without a reason count as "unknown"; lines that are not JSON raise a ValueError naming the
     file and line, since the errors file is written by our own pipeline and must stay readable.
     """
     path = Path(errors_path)
-    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]  # errors/<ab>/<unit>.jsonl
     reasons: Counter[str] = Counter()
     for file in files:
         for number, line in enumerate(file.read_text().splitlines(), start=1):

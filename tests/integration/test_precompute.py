@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from pipeline.data.encode.vae_factory import build_vae
 from pipeline.data.load.loader import LatentDataset, LatentLoader
 from pipeline.data.precompute.config import PrecomputeConfig
 from pipeline.data.precompute.run import PrecomputeError, run_precompute
+from pipeline.data.store.index import read_index
 from pipeline.data.store.shards import read_errors, read_output_manifest, read_samples, read_shard
 from pipeline.data.store.text_conditioning import read_text_conditioning
 from tests.integration.ray_cluster import start_cluster
@@ -89,9 +91,9 @@ def pixel_args(inputs, output) -> list[str]:
 def shard_bytes(root) -> dict[str, tuple]:
     """Shard file -> (ids, latent bytes, text bytes) of a finished output."""
     out = {}
-    for entry in read_output_manifest(root)["shards"]:
-        table = read_shard(Path(root) / entry["file"])
-        out[entry["file"]] = tuple(table.column(c).to_pylist() for c in ("id", "latent", "text"))
+    for file in read_index(root, columns=["file"]).column("file").to_pylist():
+        table = read_shard(Path(root) / file)
+        out[file] = tuple(table.column(c).to_pylist() for c in ("id", "latent", "text"))
     return out
 
 
@@ -121,13 +123,14 @@ def test_cogvideox_t5_shards_manifest_and_errors(cog_run, inputs, capsys):
     assert [b["key"] for b in manifest["buckets"]] == BUCKETS.split(",")
     assert manifest["buckets"][1]["latent_shape"] == [4, 3, 8, 12]
     assert manifest["latent"]["scaling_factor"] == vae.scaling_factor
-    assert sum(s["rows"] for s in manifest["shards"]) == n_good and len(manifest["shards"]) == 6
+    index = read_index(output)
+    assert sum(index.column("rows").to_pylist()) == n_good and index.num_rows == 6 and "shards" not in manifest
 
     errors = read_errors(output)
     assert {e["path"]: e["reason"] for e in errors} == inputs["bad"]
     assert all(e["message"] and e["id"] for e in errors)
 
-    samples = [s for entry in manifest["shards"] for s in read_samples(output / entry["file"])]
+    samples = [s for file in index.column("file").to_pylist() for s in read_samples(output / file)]
     by_path = {s["source_path"]: s for s in samples}
     assert len({s["id"] for s in samples}) == n_good and set(by_path) == {r[0] for r in inputs["rows"][:n_good]}
     assert by_path[str(inputs["rows"][GOOD.index("portrait")][0])]["bucket"] == "9x48x32"
@@ -155,11 +158,11 @@ def test_cogvideox_t5_shards_manifest_and_errors(cog_run, inputs, capsys):
 
 def test_second_run_skips_finished_units(cog_run, inputs, capsys):
     output, _ = cog_run
-    before = {p: p.stat().st_mtime_ns for p in (output / "shards").iterdir()}
+    before = {p: p.stat().st_mtime_ns for p in (output / "shards").rglob("*")}
     summary = run_precompute(cog_config(inputs, output))
     assert summary["work_units_skipped"] == summary["work_units"] == 6 and summary["work_units_written"] == 0
     assert summary["clips_out"] == len(GOOD) and summary["failed_videos"] == len(inputs["bad"])
-    assert {p: p.stat().st_mtime_ns for p in (output / "shards").iterdir()} == before
+    assert {p: p.stat().st_mtime_ns for p in (output / "shards").rglob("*")} == before
     assert "videos in" in capsys.readouterr().out
 
 
@@ -176,8 +179,8 @@ def test_stale_output_is_refused_unless_overwrite(cog_run, inputs, tmp_path):
     (killed / "manifest.json").write_text(json.dumps({**manifest, "status": "running", "shards": []}))
     with pytest.raises(PrecomputeError, match="text encoder"):
         run_precompute(cog_config(inputs, killed, text_max_length=8))
-    (killed / "shards").mkdir()
-    (killed / "shards" / "x.parquet").write_bytes(b"?")
+    (killed / "shards" / "x").mkdir(parents=True)
+    (killed / "shards" / "x" / "x.parquet").write_bytes(b"?")
     (killed / "manifest.json").unlink()
     with pytest.raises(PrecomputeError, match="holds shards but no manifest.json"):
         run_precompute(cog_config(inputs, killed))
@@ -189,7 +192,7 @@ def pixel_run(cog_run, inputs, tmp_path_factory):
     with --overwrite into a folder that holds another run's output (a copy of the CogVideoX one)."""
     output = tmp_path_factory.mktemp("pixel") / "latents"
     shutil.copytree(cog_run[0], output)
-    (output / "shards" / ".half-written.parquet.tmp").write_bytes(b"?")
+    next((output / "shards").iterdir()).joinpath(".half-written.parquet.tmp").write_bytes(b"?")
     summary_file = output.parent / "summary.json"
     refused = io.StringIO()
     with contextlib.redirect_stderr(refused):
@@ -203,13 +206,13 @@ def test_cli_overwrite_pixel_codec_clip_and_loader(pixel_run, inputs):
     output, summary, stale = pixel_run
     assert summary["status"] == "complete" and summary["work_units"] == len(inputs["rows"])
     assert summary["work_units_skipped"] == 0  # overwrite: nothing of the old output is kept
-    files = {p.name for d in ("shards", "errors") for p in (output / d).iterdir()}
-    assert files.isdisjoint({p.name for d in ("shards", "errors") for p in (stale / d).iterdir()})
-    assert len(list((output / "shards").iterdir())) == len(inputs["rows"])
+    files = {p.name for d in ("shards", "errors") for p in (output / d).rglob("*.*")}
+    assert files.isdisjoint({p.name for d in ("shards", "errors") for p in (stale / d).rglob("*.*")})
+    assert len(list((output / "shards").rglob("*.parquet"))) == len(inputs["rows"])
     manifest = read_output_manifest(output)
     assert manifest["vae"]["kind"] == "pixel" and manifest["text_encoder"]["kind"] == "clip"
-    for entry in manifest["shards"]:  # the pixel codec is exact: its latents decode to the decoded clip
-        for s in read_samples(output / entry["file"]):
+    for file in read_index(output).column("file").to_pylist():  # the pixel codec is exact
+        for s in read_samples(output / file):
             f, h, w = (int(v) for v in s["bucket"].split("x"))
             video = decode_clip(s["source_path"], frames=f, height=h, width=w, fps=8.0, start=s["clip_start"])
             assert torch.equal(build_vae("pixel", config={"spatial": 4}).decode(s["latent"][None])[0],
@@ -255,13 +258,13 @@ def test_sigkill_halfway_then_resume_as_ray_job_equals_uninterrupted_run(pixel_r
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
-            if len(list((output / "shards").glob("*.parquet"))) >= 2:
+            if len(list((output / "shards").glob("*/*.parquet"))) >= 2:
                 break
             time.sleep(0.02)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    done = len(list((output / "shards").glob("*.parquet")))
+    done = len(list((output / "shards").glob("*/*.parquet")))
     assert 2 <= done < total, f"{done} of {total} shards when killed: not halfway"
     assert read_output_manifest(output)["status"] == "running"
 
@@ -279,5 +282,45 @@ def test_sigkill_halfway_then_resume_as_ray_job_equals_uninterrupted_run(pixel_r
     assert summary["shards"] == total and summary["clips"] == len(GOOD)
     assert shard_bytes(output) == shard_bytes(reference)  # same ids, same latent and text bytes
     assert sorted(read_errors(output), key=lambda e: e["id"]) == sorted(read_errors(reference), key=lambda e: e["id"])
-    leftovers = [p.name for d in ("shards", "errors") for p in (output / d).iterdir() if p.suffix == ".tmp"]
+    leftovers = [p.name for d in ("shards", "errors") for p in (output / d).rglob("*.tmp")]
     assert leftovers == []
+
+
+def _kill_one(pattern: str, killed: list, run: threading.Thread) -> None:
+    """SIGKILL the first of this test's Ray workers (descendants of this process, which started the
+    module's local Ray) whose process title names `pattern`: a worker running that stage now (Ray
+    titles a worker after the task it runs; idle ones are ray::IDLE). Gives up when `run` ends."""
+    me = psutil.Process()
+    while run.is_alive():
+        for proc in me.children(recursive=True):
+            try:
+                title = " ".join(proc.cmdline())
+            except psutil.Error:
+                continue
+            if pattern in title:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+                    killed.append((pattern, proc.pid))
+                    return
+        time.sleep(0.005)
+
+
+def test_killed_decode_worker_and_encoder_actor_are_redone_byte_for_byte(pixel_run, inputs, tmp_path):
+    """A decode task's process and the VAE actor's process are SIGKILLed mid-run (found by their Ray
+    process titles); Ray runs the task again and restarts the actor (task_retries / actor_restarts),
+    the run finishes by itself, and its shards equal the uninterrupted run's."""
+    reference, output = pixel_run[0], tmp_path / "latents"
+    killed, result = [], {}
+    run = threading.Thread(target=lambda: result.update(code=pomvid(["precompute", *pixel_args(inputs, output)])))
+    run.start()
+    try:
+        for pattern in ("decode_units", "MapBatches(VAEStage)"):
+            _kill_one(pattern, killed, run)  # one after the other: a decode task first, then the actor
+        done_at_kill = len(list((output / "shards").glob("*/*.parquet")))
+    finally:
+        run.join(timeout=600)
+    assert [p for p, _ in killed] == ["decode_units", "MapBatches(VAEStage)"], killed
+    assert done_at_kill < len(inputs["rows"])  # killed mid-run: units were still to go through the VAE
+    assert result.get("code") == 0
+    assert shard_bytes(output) == shard_bytes(reference)  # same ids, same latent and text bytes
+    assert read_index(output).num_rows == len(inputs["rows"])  # every unit once

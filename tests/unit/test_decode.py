@@ -276,3 +276,34 @@ def test_decode_error_is_machine_readable_and_picklable():
     assert (copy.reason, copy.message, str(copy)) == ("truncated", "/x.mp4: cut off", "truncated: /x.mp4: cut off")
     with pytest.raises(ValueError, match="expected one of"):
         DecodeError("weird", "?")
+
+
+def test_rotated_phone_video_is_decoded_upright_into_a_portrait_bucket(tmp_path):
+    """Stored 96x48 (landscape) with a 90 degree display rotation, as phones write portrait videos:
+    stored left half red, right half blue, a green band along the top. Shown upright (as ffmpeg shows
+    it): 48x96, blue above red, the green band down the left side."""
+    import subprocess
+
+    from tests.videos import ffmpeg_exe
+
+    stored, rotated = tmp_path / "stored.mp4", tmp_path / "phone.mp4"
+    scene = ("color=red:size=48x48:rate=8:duration=2[a];color=blue:size=48x48:rate=8:duration=2[b];"
+             "[a][b]hstack,drawbox=x=0:y=0:w=96:h=8:color=0x00FF00:t=fill")
+    subprocess.run([ffmpeg_exe(), "-y", "-v", "error", "-f", "lavfi", "-i", scene, "-c:v", "libx264",
+                    "-pix_fmt", "yuv420p", "-qp", "0", str(stored)], check=True)
+    subprocess.run([ffmpeg_exe(), "-y", "-v", "error", "-display_rotation", "90", "-i", str(stored), "-c", "copy",
+                    str(rotated)], check=True)
+    info = probe(rotated)
+    assert (info.width, info.height, info.rotation) == (48, 96, 90)
+    record = VideoRecord(path=str(rotated), caption="a phone video", source_row=0, source="m")
+    (plan,) = plan_clips(record, info, parse_buckets("9x32x48,9x48x32"), 8.0)
+    assert plan.bucket.name == "9x48x32"  # portrait, as shown
+    for backend in ("pyav", "auto"):  # auto: PyAV for rotated videos (decord squeezes them)
+        clip = decode_clip(rotated, frames=9, height=48, width=32, fps=8.0, backend=backend,
+                           rotation=info.rotation)  # (3, 9, 48, 32) in [-1, 1]
+        red, green, blue = clip[0, 4], clip[1, 4], clip[2, 4]
+        assert blue[4:20, 10:].mean() > 0.8 and red[4:20, 10:].mean() < -0.8, backend  # top: blue
+        assert red[28:44, 10:].mean() > 0.8 and blue[28:44, 10:].mean() < -0.8, backend  # bottom: red
+        assert green[:, :3].mean() > 0.5 and green[:, 10:].mean() < -0.5, backend  # the band, on the left
+    with pytest.raises(ValueError, match="cannot read rotated videos"):
+        decode_clip(rotated, frames=9, height=48, width=32, fps=8.0, backend="decord", rotation=90)

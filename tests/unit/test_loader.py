@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -178,7 +181,56 @@ def test_bad_arguments_and_outputs_fail_clearly(store, tmp_path):
     with pytest.raises(ShardError, match="did not finish; run the same precompute command again"):
         LatentDataset(tmp_path)
     manifest["buckets"] = [{"key": B}, {"key": A}]
-    manifest["shards"][0]["buckets"] = {B: 1, A: 1}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    index = pq.read_table(tmp_path / "index.parquet")
+    pq.write_table(index.set_column(4, "clips_per_bucket", pa.array([[1, 1], [0, 1]], pa.list_(pa.int64()))),
+                   tmp_path / "index.parquet")
     with pytest.raises(ShardError, match="modified after precompute"):
         LatentDataset(tmp_path)[0]
+    pq.write_table(index.set_column(4, "clips_per_bucket", pa.array([[2, 1], [0, 1]], pa.list_(pa.int64()))),
+                   tmp_path / "index.parquet")
+    with pytest.raises(ShardError, match="do not match its 2 rows"):
+        LatentDataset(tmp_path)
+
+
+def test_prefetch_gives_the_same_batches_and_state_counts_only_what_was_consumed(store):
+    sync = LatentLoader(LatentDataset(store), batch_size=3, dp_rank=1, dp_size=2, seed=5, prefetch=0)
+    ahead = LatentLoader(LatentDataset(store), batch_size=3, dp_rank=1, dp_size=2, seed=5, prefetch=4, threads=3)
+    want, got = list(sync), list(ahead)
+    assert ids_of(got) == ids_of(want) and len(got) == len(want)
+    for a, b in zip(got, want):
+        assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["text"], b["text"])
+        assert torch.equal(a["text_mask"], b["text_mask"]) and a["bucket"] == b["bucket"]
+    # Stopped after 2 batches while 4 more were read ahead: the state says 2, and a resume goes on from there.
+    early = LatentLoader(LatentDataset(store), batch_size=3, dp_rank=1, dp_size=2, seed=5, prefetch=4)
+    assert ids_of(take(early, 2)) == ids_of(want[:2])
+    state = early.state_dict()
+    assert state["samples_consumed"] == 2 * 6
+    resumed = LatentLoader(LatentDataset(store), batch_size=3, dp_rank=1, dp_size=2, seed=5)
+    resumed.load_state_dict(state)
+    assert ids_of(list(resumed)) == ids_of(want[2:])
+
+
+def test_one_read_per_shard_and_the_step_no_longer_waits(store, monkeypatch):
+    dataset = LatentDataset(store)
+    calls = []
+    read = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", lambda self, *a, **k: calls.append(a) or read(self, *a, **k))
+    samples = dataset.samples([3, 0, 1, 20, 2])  # four rows of shard 0, one of shard 1
+    assert [s["index"] for s in samples] == [3, 0, 1, 20, 2] and len(calls) == 2
+    assert [s["id"] for s in samples] == [dataset[i]["id"] for i in (3, 0, 1, 20, 2)]
+
+    slow = dataset.samples
+    monkeypatch.setattr(dataset, "samples", lambda indices: time.sleep(0.05) or slow(indices))
+    for prefetch in (0, 3):
+        loader = LatentLoader(dataset, batch_size=2, dp_rank=0, dp_size=1, seed=0, prefetch=prefetch)
+        waits = []
+        for n, _batch in enumerate(loader):
+            waits.append(loader.perf_metrics()["perf/data_wait_s"])
+            time.sleep(0.15)  # the training step: longer than a read, so prefetch keeps up
+            if n == 4:
+                break
+        if prefetch:
+            assert max(waits[1:]) < 0.05, waits  # less than one read: only the first batch is waited for
+        else:
+            assert min(waits) >= 0.05, waits  # read on the step's critical path

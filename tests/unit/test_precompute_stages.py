@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -23,37 +26,11 @@ from pipeline.data.precompute.run import (
     prepare_output,
     steady_rate,
 )
-from pipeline.data.precompute.stages import (
-    TextStage,
-    VAEStage,
-    decode_units,
-    make_work_units,
-    unit_to_row,
-    write_units,
-)
-from pipeline.data.source.manifest import VideoRecord
+from pipeline.data.precompute.stages import TextStage, VAEStage, decode_units, write_units
+from pipeline.data.source.plan import plan_run
 from pipeline.data.store.shards import read_errors, read_output_manifest, read_samples, shard_path
 
 BUCKETS = "9x32x32,9x32x48,9x48x32"
-
-
-def records(n, caption="a video", path="/v/{i}.mp4"):
-    return [VideoRecord(path=path.format(i=i), caption=caption, source_row=i, source="m.csv") for i in range(n)]
-
-
-def test_work_unit_ids_are_stable_and_local():
-    units = make_work_units(records(7), rows_per_unit=3, settings_hash="s")
-    assert [len(u.videos) for u in units] == [3, 3, 1]
-    assert [u.unit_id for u in units] == [u.unit_id for u in make_work_units(records(7), rows_per_unit=3, settings_hash="s")]
-    # Appending rows keeps the full units before them; the partial last one changes.
-    longer = make_work_units(records(9), rows_per_unit=3, settings_hash="s")
-    assert [u.unit_id for u in longer[:2]] == [u.unit_id for u in units[:2]] and longer[2].unit_id != units[2].unit_id
-    # Other settings or another caption: other ids.
-    assert make_work_units(records(3), rows_per_unit=3, settings_hash="t")[0].unit_id != units[0].unit_id
-    assert make_work_units(records(3, caption="b"), rows_per_unit=3, settings_hash="s")[0].unit_id != units[0].unit_id
-    # The same row twice: two distinct videos.
-    twice = make_work_units(records(2, path="/v/same.mp4"), rows_per_unit=3, settings_hash="s")[0]
-    assert len({v for v, _ in twice.videos}) == 2
 
 
 def test_config_errors_name_the_field(tmp_path):
@@ -67,7 +44,9 @@ def test_config_errors_name_the_field(tmp_path):
                           ({"storage_dtype": "int8"}, "storage_dtype='int8'"),
                           ({"rows_per_work_unit": 0}, "rows_per_work_unit=0"),
                           ({"text_encoder": "t5", "text_encoder_path": None}, "needs text_encoder_path"),
-                          ({"validation_prompts": str(tmp_path / "p.txt")}, "validation_prompts=.*one prompt per line")]:
+                          ({"validation_prompts": str(tmp_path / "p.txt")}, "validation_prompts=.*one prompt per line"),
+                          ({"decode_timeout": 0}, "decode_timeout=0: give seconds > 0"),
+                          ({"actor_restarts": -1}, "actor_restarts=-1: must be an integer >= 0")]:
         with pytest.raises(ValueError, match=match):
             PrecomputeConfig(**{**ok, **change})
 
@@ -108,15 +87,20 @@ def setup(test_videos, tmp_path_factory):
     return config, vae, text
 
 
-def test_stages_in_one_process_write_a_shard_and_errors(setup, test_videos):
+def test_stages_in_one_process_write_a_shard_and_errors(setup, test_videos, tmp_path):
     config, vae, text = setup
     paths = [test_videos.landscape.path, test_videos.missing, test_videos.fps30.path, test_videos.text_mp4,
              test_videos.portrait.path]
-    recs = [VideoRecord(path=str(p), caption=f"video {i}", source_row=i, source="m") for i, p in enumerate(paths)]
-    unit = make_work_units(recs, rows_per_unit=5, settings_hash="s")[0]
-    batch = {k: np.array([v]) for k, v in unit_to_row(unit).items()}
+    manifest = tmp_path / "m.csv"
+    long = "a very long caption " + "with many words " * 12  # more than the tiny CLIP's 32 tokens
+    captions = ["video 0", "video 1", "video 2", "video 3", long]
+    manifest.write_text("video,caption\n" + "".join(f"{p},{c}\n" for p, c in zip(paths, captions)))
+    plan = plan_run(manifest, rows_per_unit=5, settings_hash="s", finished=[], write_to=tmp_path)
+    unit_id = plan.unit_ids[0].as_py()
+    batch = pq.read_table(plan.plan_files[0])
     decoded = decode_units(batch, buckets=BUCKETS, fps=8.0, clips_per_video=2, backend="auto")
     meta = json.loads(decoded["meta"][0])
+    assert decoded["video"][0].dtype == np.uint8  # what crosses the object store: a quarter of float32
     assert [e["reason"] for e in meta["errors"]] == ["missing", "not_a_video"]  # recorded, not raised
     # fps30 (3 s) holds two 9-frame clips at 8 fps, the 2 s landscape and portrait one each; table order.
     assert [(c["bucket"], c["source_row"]) for c in meta["clips"]] == [
@@ -125,9 +109,15 @@ def test_stages_in_one_process_write_a_shard_and_errors(setup, test_videos):
                       batch_size=2, num_cpus=1)
     embed = TextStage(kind="clip", build_kwargs=config.text_build_kwargs(), fingerprint=text["fingerprint"],
                       batch_size=8, num_cpus=1)
-    done = write_units(embed(encode(decoded)), output=config.output, storage_dtype="float32")
-    assert done["clips"].tolist() == [4] and json.loads(done["failures"][0]) == {"missing": 1, "not_a_video": 1}
-    samples = read_samples(shard_path(config.output, unit.unit_id))
+    done = write_units(embed(encode(decoded)), output=config.output, storage_dtype="float32",
+                       bucket_keys=BUCKETS.split(","))
+    assert done.column("rows").to_pylist() == [4] and done.column("clips_per_bucket").to_pylist() == [[2, 1, 1]]
+    assert done.column("failures").to_pylist() == [[{"reason": "missing", "count": 1},
+                                                    {"reason": "not_a_video", "count": 1}]]
+    assert done.column("long_captions").to_pylist() == [1]  # counted per clip, named in the index
+    assert done.column("long_caption_examples").to_pylist() == [[long.strip()]]
+    assert done.column("file").to_pylist() == [f"shards/{unit_id[:2]}/{unit_id}.parquet"]
+    samples = read_samples(shard_path(config.output, unit_id))
     pixel = build_vae("pixel", config={"spatial": 4})
     for s in samples:
         f, h, w = (int(v) for v in s["bucket"].split("x"))
@@ -148,17 +138,37 @@ def test_prepare_output_refuses_or_overwrites(setup, tmp_path):
     config, vae, text = setup
     config = PrecomputeConfig(**{**config.to_dict(), "output": str(tmp_path / "out")})
     manifest = build_output_manifest(config, vae, text, records=3)
-    prepare_output(config, manifest)
+    assert prepare_output(config, manifest) == []
     assert read_output_manifest(config.output)["status"] == "running"
-    (tmp_path / "out" / "shards").mkdir()
-    (tmp_path / "out" / "shards" / ".u.parquet.abc.tmp").write_bytes(b"?")
-    prepare_output(config, manifest)  # same settings: accepted, leftovers of a killed writer removed
-    assert list((tmp_path / "out" / "shards").iterdir()) == []
+    (tmp_path / "out" / "shards" / "ab").mkdir(parents=True)
+    (tmp_path / "out" / "shards" / "ab" / ".abu.parquet.abc.tmp").write_bytes(b"?")
+    (tmp_path / "out" / "shards" / "ab" / "abu.parquet").write_bytes(b"?")
+    # same settings: accepted, leftovers of a killed writer removed, finished units found by one listing
+    assert prepare_output(config, manifest) == ["abu"]
+    assert [p.name for p in (tmp_path / "out" / "shards" / "ab").iterdir()] == ["abu.parquet"]
     other = PrecomputeConfig(**{**config.to_dict(), "fps": 12.0, "storage_dtype": "float16"})
     with pytest.raises(PrecomputeError, match="fps: 8.0 != 12.0\n  storage_dtype: 'float32' != 'float16'"):
         prepare_output(other, build_output_manifest(other, vae, text, records=3))
-    (tmp_path / "out" / "shards" / "u.parquet").write_bytes(b"?")
     again = PrecomputeConfig(**{**other.to_dict(), "overwrite": True})
     prepare_output(again, build_output_manifest(again, vae, text, records=3))
-    assert list((tmp_path / "out" / "shards").iterdir()) == []
+    assert not (tmp_path / "out" / "shards").exists()
     assert read_output_manifest(config.output)["settings"]["fps"] == 12.0
+
+
+def test_a_hanging_decode_is_recorded_as_timeout_and_the_unit_goes_on(test_videos, tmp_path):
+    stuck = tmp_path / "stuck.mp4"
+    os.mkfifo(stuck)  # nobody writes: opening it for reading blocks, in C, for ever
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"video,caption\n{test_videos.landscape.path},a\n{stuck},b\n{test_videos.portrait.path},c\n")
+    plan = plan_run(manifest, rows_per_unit=3, settings_hash="s", finished=[], write_to=tmp_path)
+    began = time.monotonic()
+    try:
+        decoded = decode_units(pq.read_table(plan.plan_files[0]), buckets=BUCKETS, fps=8.0, clips_per_video=1,
+                               backend="auto", decode_timeout=1.5)
+    finally:  # release the abandoned reader: open the write end, then close it (the reader sees EOF)
+        os.close(os.open(stuck, os.O_WRONLY | os.O_NONBLOCK))
+    meta = json.loads(decoded["meta"][0])
+    assert [(e["path"], e["reason"]) for e in meta["errors"]] == [(str(stuck), "timeout")]
+    assert "longer than 1.5 s" in meta["errors"][0]["message"]
+    assert sorted(c["source_row"] for c in meta["clips"]) == [0, 2]  # the videos around it are decoded
+    assert time.monotonic() - began < 30

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipeline.data.store import index as I  # noqa: E741 - I for index, like S for shards
 from pipeline.data.store import shards as S
 from tests.latent_store import make_latent_output
 
@@ -44,7 +46,8 @@ def test_shard_round_trip_schema_and_row_groups(tmp_path):
     path = S.shard_path(tmp_path, "u1")
     meta = {"unit_id": "u1", "videos": 3, "buckets": {"5x16x16": 3}, "failures": {"corrupt": 1}}
     S.write_shard(path, S.shard_table(_rows(3), storage_dtype="float16", metadata=meta))
-    assert path.parent.name == "shards" and sorted(p.name for p in path.parent.iterdir()) == ["u1.parquet"]
+    assert path.parent.parent.name == "shards" and path.parent.name == "u1"  # hash-prefixed sub-folder
+    assert sorted(p.name for p in path.parent.iterdir()) == ["u1.parquet"]
     pf = pq.ParquetFile(path)
     assert pf.schema_arrow.remove_metadata().equals(S.SHARD_SCHEMA)
     assert pf.num_row_groups == 3  # one row per row group: a reader fetches one sample alone
@@ -112,11 +115,37 @@ def test_manifest_round_trip_and_version_check(tmp_path):
         S.read_output_manifest(tmp_path)
 
 
-def test_finish_manifest_counts_and_lists_only_given_units(tmp_path):
+def test_finish_manifest_writes_the_index_and_a_small_header(tmp_path):
     manifest = make_latent_output(tmp_path, [[("5x16x16", 1)] * 3, [("5x16x16", 1), ("9x16x16", 2)]])
-    assert manifest["status"] == "complete"
-    assert [s["rows"] for s in manifest["shards"]] == [3, 2]
+    assert manifest["status"] == "complete" and "shards" not in manifest and manifest["index"] == I.INDEX_NAME
     assert manifest["totals"]["clips"] == 5 and manifest["totals"]["clips_per_bucket"] == {"5x16x16": 4, "9x16x16": 1}
-    assert S.read_output_manifest(tmp_path)["shards"] == manifest["shards"]
-    partial = S.finish_manifest(tmp_path, {}, ["unit0001", "unit0009"])  # unit0009 never finished
-    assert partial["status"] == "incomplete" and [s["unit_id"] for s in partial["shards"]] == ["unit0001"]
+    index = I.read_index(tmp_path)
+    assert index.schema.equals(I.INDEX_SCHEMA)
+    assert index.column("file").to_pylist() == ["shards/un/unit0000.parquet", "shards/un/unit0001.parquet"]
+    assert index.column("rows").to_pylist() == [3, 2] and index.column("clips_per_bucket").to_pylist() == [[3, 0], [1, 1]]
+    assert not (tmp_path / I.INDEX_PARTS_DIR).exists()
+    partial = I.finish_manifest(tmp_path, {"buckets": manifest["buckets"]}, ["unit0001", "unit0009"])  # 0009 unfinished
+    assert partial["status"] == "incomplete" and I.read_index(tmp_path).column("unit_id").to_pylist() == ["unit0001"]
+
+
+def test_index_merges_parts_footers_and_earlier_rows_in_unit_order(tmp_path):
+    make_latent_output(tmp_path, [[("5x16x16", 1)]] * 4)  # unit0000..unit0003, index.parquet holds all four
+    keys = ["5x16x16"]
+    appender = I.IndexAppender(tmp_path, every_rows=1)
+    row = I.footer_rows(tmp_path, ["unit0002"], keys)
+    appender.add(row.set_column(3, "videos", pa.array([7])))  # a later row for unit0002 wins over the old one
+    assert len(list((tmp_path / I.INDEX_PARTS_DIR).iterdir())) == 1
+    (tmp_path / I.INDEX_NAME).unlink()  # as if killed before any index existed: rows come from the footers
+    finished, leftovers = I.list_output(tmp_path)
+    assert sorted(finished) == ["unit0000", "unit0001", "unit0002", "unit0003"] and leftovers == []
+    index = I.build_index(tmp_path, ["unit0003", "unit0002", "unit0000", "unit0001"], finished, keys)
+    assert index.column("unit_id").to_pylist() == ["unit0003", "unit0002", "unit0000", "unit0001"]
+    assert index.column("videos").to_pylist() == [1, 7, 1, 1]
+    totals = I.index_totals(index, keys, 5)
+    assert (totals["shards"], totals["videos"], totals["clips"], totals["work_units"]) == (4, 10, 4, 5)
+
+
+def test_old_output_with_a_json_shard_list_is_refused_clearly(tmp_path):
+    (tmp_path / S.MANIFEST_NAME).write_text(json.dumps({"schema_version": 1, "status": "complete", "shards": []}))
+    with pytest.raises(S.ShardError, match="older pomvid.*JSON list of shards.*--overwrite"):
+        S.read_output_manifest(tmp_path)

@@ -52,6 +52,9 @@ def test_t5_shapes_masks_and_padding(t5):
     assert lengths[1] == 1  # the null caption keeps its end-of-text token
     assert lengths[2] == 16  # truncated to max_length
     assert torch.all(emb[~mask] == 0) and torch.all(emb[mask].abs().sum(-1) > 0)
+    # token_counts sees the length before the cut: what precompute counts as a long caption
+    assert t5.token_counts(["a red square moves left", "", "a " * 40]) == [lengths[0], 1, 41]
+    assert t5.token_counts([]) == []  # a unit whose videos all failed has no caption
 
 
 def test_t5_is_deterministic_and_per_caption(t5):
@@ -121,6 +124,7 @@ def test_clip_shorter_max_length_truncates(clip_folder, clip):
     short = build_text_encoder("clip", path=clip_folder, max_length=8)
     emb, mask = short.encode(["a red square", "word " * 50])
     assert emb.shape == (2, 8, 32) and mask[1].all()
+    assert short.token_counts(["a red square", "word " * 50]) == [int(clip.encode(["a red square"])[1].sum()), 52]
     torch.testing.assert_close(emb[0, :5], clip.encode(["a red square"])[0][0, :5])
 
 

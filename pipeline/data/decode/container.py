@@ -6,6 +6,7 @@ Every failure on bad input is a DecodeError whose `reason` is one of REASONS.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +14,7 @@ import numpy as np
 from pipeline.data.decode.buckets import TIME_TOLERANCE
 from pipeline.data.decode.sniff import classify_unreadable
 
-REASONS = frozenset({"missing", "unreadable", "not_a_video", "corrupt", "truncated", "too_short"})
+REASONS = frozenset({"missing", "unreadable", "not_a_video", "corrupt", "truncated", "too_short", "timeout"})
 
 
 class DecodeError(Exception):
@@ -34,9 +35,10 @@ class VideoInfo:
     """What probe() found: the video stream as it can really be read."""
 
     width: int
-    """Frame width in pixels (stored size; rotation metadata is not applied)."""
+    """Frame width in pixels as shown (rotation applied: a phone's 1920x1080 stored frame turned
+    90 degrees is 1080 wide)."""
     height: int
-    """Frame height in pixels."""
+    """Frame height in pixels as shown."""
     fps: float
     """Average frame rate: num_frames / duration (exact for constant-rate files)."""
     num_frames: int
@@ -47,6 +49,9 @@ class VideoInfo:
     """The library that read this information ("pyav")."""
     claimed_duration: float | None = None
     """Seconds the container header claims; None when it does not say."""
+    rotation: int = 0
+    """Degrees (0, 90, 180, 270) the stored frames are turned counter-clockwise to be shown (the
+    display matrix / rotate tag); the decoders turn them upright."""
 
     @property
     def truncated(self) -> bool:
@@ -60,11 +65,14 @@ def check_path(path: str) -> None:
     """Raises DecodeError for paths that cannot be a readable video file."""
     if not os.path.exists(path):
         raise DecodeError("missing", f"{path}: no such file")
-    if not os.path.isfile(path):
+    mode = os.stat(path).st_mode
+    # A named pipe is a stream a decoder can read; one whose writer hangs is what the decode timeout
+    # (stages.decode_units) is for.
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
         raise DecodeError("not_a_video", f"{path}: not a regular file")
     if not os.access(path, os.R_OK):
         raise DecodeError("unreadable", f"{path}: no permission to read")
-    if os.path.getsize(path) == 0:
+    if stat.S_ISREG(mode) and os.path.getsize(path) == 0:
         raise DecodeError("not_a_video", f"{path}: empty file")
 
 
@@ -108,15 +116,28 @@ def frame_period(stream) -> float:
     return 1.0 / float(rate) if rate else 1.0 / 30
 
 
+def _first_frame_rotation(packet, keep_trying: bool) -> int | None:
+    """The display rotation of the first frame `packet` decodes to (0, 90, 180, 270); None when it gives
+    no frame yet and `keep_trying`, 0 after that or when the decoder fails (the demuxing goes on)."""
+    try:
+        for frame in packet.decode():
+            return round(frame.rotation / 90) * 90 % 360
+    except Exception:  # noqa: BLE001 - a damaged first packet: no rotation, probe() judges the file
+        return 0
+    return None if keep_trying else 0
+
+
 def probe(path: str | os.PathLike) -> VideoInfo:
     """Reads the header and walks the packets (no decoding): size, frames, duration."""
     path = os.fspath(path)
     container, stream = open_container(path)
     try:
         tb = float(stream.time_base)
-        pts, last_pts, last_duration = [], None, 0
+        pts, last_pts, last_duration, rotation = [], None, 0, None
         try:
             for packet in container.demux(stream):
+                if rotation is None:  # decode until the first frame: it carries the display matrix
+                    rotation = _first_frame_rotation(packet, keep_trying=len(pts) < 32)
                 if packet.size == 0:
                     continue
                 p = packet.pts if packet.pts is not None else packet.dts
@@ -133,9 +154,12 @@ def probe(path: str | os.PathLike) -> VideoInfo:
                 raise DecodeError("truncated", f"{path}: the file is cut off before its first frame")
             raise DecodeError("corrupt", f"{path}: the video stream holds no frames")
         end = (max(pts) - origin) * tb + (last_duration * tb or frame_period(stream))
-        return VideoInfo(width=stream.codec_context.width, height=stream.codec_context.height,
-                         fps=len(pts) / end, num_frames=len(pts), duration=end, backend="pyav",
-                         claimed_duration=claimed_duration(container, stream))
+        rotation = rotation or 0
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if rotation in (90, 270):
+            width, height = height, width
+        return VideoInfo(width=width, height=height, fps=len(pts) / end, num_frames=len(pts), duration=end,
+                         backend="pyav", claimed_duration=claimed_duration(container, stream), rotation=rotation)
     except DecodeError:
         raise
     except Exception as e:

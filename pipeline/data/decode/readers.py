@@ -42,20 +42,20 @@ class _SizeQuirk(Exception):
 
 
 def decode_decord(path: str, container, stream, clips: list[np.ndarray], height: int, width: int,
-                  threads: int) -> list[torch.Tensor]:
+                  threads: int, rotation: int = 0) -> list[torch.Tensor]:
     """Timestamps from decord's index, then get_batch on the union of the chosen frames."""
     src_h, src_w = stream.codec_context.height, stream.codec_context.width
     size = (-1, -1)  # native size: torch resizes (faster than libswscale's bicubic, same for PyAV)
     for _ in range(3):
         try:
-            return _decode_decord(path, container, stream, clips, height, width, threads, size)
+            return _decode_decord(path, container, stream, clips, height, width, threads, size, rotation)
         except _SizeQuirk:  # decode one pixel wider instead (only tiny videos hit this)
             w = (src_w if size[0] < 0 else size[0]) + 1
             size = (w, round(w * src_h / src_w))
     raise DecodeError("corrupt", f"{path}: decord cannot return frames of this size; use backend='pyav'")
 
 
-def _decode_decord(path, container, stream, clips, height, width, threads, size) -> list[torch.Tensor]:
+def _decode_decord(path, container, stream, clips, height, width, threads, size, rotation) -> list[torch.Tensor]:
     try:
         reader = decord.VideoReader(path, ctx=decord.cpu(0), width=size[0], height=size[1], num_threads=threads)
     except Exception as e:
@@ -77,7 +77,7 @@ def _decode_decord(path, container, stream, clips, height, width, threads, size)
         chunks = []
         for i in range(0, len(unique), _DECORD_CHUNK):
             batch = reader.get_batch(unique[i:i + _DECORD_CHUNK].tolist()).asnumpy()  # (u, h, w, 3)
-            chunks.append(resize_crop(batch, height, width))  # (u, 3, H, W) uint8
+            chunks.append(resize_crop(batch, height, width, rotation))  # (u, 3, H, W) uint8, upright
     except DecodeError:
         raise
     except Exception as e:  # decord raises its own DECORDError / RuntimeError on bad data
@@ -101,8 +101,9 @@ class _Overshot(Exception):
 class _Reader:
     """Frames of one stream in time order, with the state that carries from clip to clip."""
 
-    def __init__(self, path: str, container, stream, height: int, width: int):
+    def __init__(self, path: str, container, stream, height: int, width: int, rotation: int = 0):
         self.path, self.container, self.stream, self.height, self.width = path, container, stream, height, width
+        self.rotation = rotation
         self.tb, self.origin, self.period = float(stream.time_base), stream.start_time or 0, frame_period(stream)
         self.keyframes: np.ndarray | None = None  # seconds; read when a second clip needs them
         self.started = False
@@ -165,7 +166,8 @@ class _Reader:
 
     def _convert(self) -> torch.Tensor:
         if self.held_pixels is None:  # full-size RGB, then torch scales just the crop
-            self.held_pixels = resize_crop(self.held.to_ndarray(format="rgb24")[None], self.height, self.width)[0]
+            self.held_pixels = resize_crop(self.held.to_ndarray(format="rgb24")[None], self.height, self.width,
+                                           self.rotation)[0]
         return self.held_pixels
 
     def read(self, targets: np.ndarray) -> torch.Tensor:
@@ -204,7 +206,7 @@ class _Reader:
 
 
 def decode_pyav(path: str, container, stream, clips: list[np.ndarray], height: int, width: int,
-                threads: int) -> list[torch.Tensor]:
+                threads: int, rotation: int = 0) -> list[torch.Tensor]:
     """Seek to the keyframe before a clip's first target time (unless decoding on is cheaper),
     decode forward, convert only the frames chosen."""
     context = stream.codec_context
@@ -212,7 +214,7 @@ def decode_pyav(path: str, container, stream, clips: list[np.ndarray], height: i
     if threads > 1:
         context.thread_type = "AUTO"
     try:
-        reader = _Reader(path, container, stream, height, width)
+        reader = _Reader(path, container, stream, height, width, rotation)
         out = []
         for targets in clips:
             if reader.should_seek(targets[0]):

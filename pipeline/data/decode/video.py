@@ -28,7 +28,7 @@ import numpy as np
 from pipeline.data.decode import readers
 from pipeline.data.decode.buckets import TIME_TOLERANCE, Bucket, BucketTable, assign_bucket
 from pipeline.data.decode.container import DecodeError, VideoInfo, open_container
-from pipeline.data.decode.frames import target_times, to_model_range
+from pipeline.data.decode.frames import target_times, to_channels_first, to_model_range
 from pipeline.data.source.manifest import VideoRecord
 
 BACKENDS = ("auto", "decord", "pyav")
@@ -74,12 +74,15 @@ def plan_clips(record: VideoRecord, info: VideoInfo, table: BucketTable, fps: fl
 
 
 def decode_clips(path: str | os.PathLike, *, starts: list[float], frames: int, height: int, width: int,
-                 fps: float, backend: str = "auto", threads: int = 1) -> list[np.ndarray]:
+                 fps: float, backend: str = "auto", threads: int = 1, uint8: bool = False,
+                 rotation: int = 0) -> list[np.ndarray]:
     """Several clips of one video in one pass, each float32 (3, frames, height, width) in
-    [-1, 1], in the order of `starts` (see the module docstring for the frame choice).
+    [-1, 1] (with `uint8`: the uint8 pixels (3, frames, height, width) that give those numbers
+    through frames.uint8_to_model_range), in the order of `starts` (see the module docstring).
 
     backend: "decord", "pyav", or "auto" (decord, then PyAV if decord fails for any reason
-    but a clean too_short). threads: decoder threads (1 = one core per decode task).
+    but a clean too_short). threads: decoder threads (1 = one core per decode task). rotation: the
+    video's display rotation (probe's VideoInfo.rotation): frames come out upright.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
@@ -95,15 +98,20 @@ def decode_clips(path: str | os.PathLike, *, starts: list[float], frames: int, h
     path = os.fspath(path)
     order = sorted(range(len(starts)), key=lambda i: starts[i])
     clips = [target_times(starts[i], frames, fps) for i in order]
-    use_decord = backend == "decord" or (backend == "auto" and readers.HAVE_DECORD)
+    # decord turns rotated videos itself, and then fails its size check or squeezes the frames into the
+    # stored size (seen with decord 0.6): rotated videos go to PyAV, which we turn upright ourselves.
+    if rotation % 360 and backend == "decord":
+        raise ValueError(f"{path}: backend='decord' cannot read rotated videos correctly; use 'pyav' or 'auto'")
+    use_decord = backend == "decord" or (backend == "auto" and readers.HAVE_DECORD and not rotation % 360)
     for library in (["decord"] if use_decord else []) + ([] if backend == "decord" else ["pyav"]):
         container, stream = open_container(path)  # classifies missing / not-a-video files
         try:
             if library == "pyav":
-                decoded = readers.decode_pyav(path, container, stream, clips, height, width, threads)
+                decoded = readers.decode_pyav(path, container, stream, clips, height, width, threads, rotation)
             else:
                 try:
-                    decoded = readers.decode_decord(path, container, stream, clips, height, width, threads)
+                    decoded = readers.decode_decord(path, container, stream, clips, height, width, threads,
+                                                    rotation)
                 except DecodeError as e:
                     # A clean too_short is final; anything else gets a second chance with PyAV.
                     if backend == "decord" or e.reason == "too_short":
@@ -113,15 +121,15 @@ def decode_clips(path: str | os.PathLike, *, starts: list[float], frames: int, h
             container.close()
         out: list[np.ndarray] = [np.empty(0)] * len(starts)
         for i, clip in zip(order, decoded):
-            out[i] = to_model_range(clip)
+            out[i] = to_channels_first(clip) if uint8 else to_model_range(clip)
         return out
     raise AssertionError("unreachable")  # the pyav pass returns or raises
 
 
 def decode_clip(path: str | os.PathLike, *, frames: int, height: int, width: int, fps: float,
-                start: float = 0.0, backend: str = "auto", threads: int = 1) -> np.ndarray:
+                start: float = 0.0, backend: str = "auto", threads: int = 1, rotation: int = 0) -> np.ndarray:
     """One clip: float32 (3, frames, height, width) in [-1, 1]; see decode_clips."""
     if not (start >= 0 and math.isfinite(start)):
         raise ValueError(f"start={start}: must be a number >= 0")
     return decode_clips(path, starts=[start], frames=frames, height=height, width=width, fps=fps,
-                        backend=backend, threads=threads)[0]
+                        backend=backend, threads=threads, rotation=rotation)[0]

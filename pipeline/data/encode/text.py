@@ -32,6 +32,11 @@ class TextEncoder(ABC):
     @abstractmethod
     def fingerprint(self) -> dict: ...
 
+    @abstractmethod
+    def token_counts(self, captions: list[str]) -> list[int]:
+        """Tokens of each caption before truncation (special tokens included): a caption with more
+        than max_length is cut by encode(), and precompute counts it."""
+
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """list of B captions -> (emb (B, L, D) float32, mask (B, L) bool), on the encoder's device."""

@@ -151,6 +151,9 @@ class ClipTextEncoder(TextEncoder):
         mask = torch.arange(length, device=device)[None] <= eot[:, None]  # (B, L)
         return self.tower(ids), mask
 
+    def token_counts(self, captions: list[str]) -> list[int]:
+        return [len(self.tokenizer.encode(c)) + 2 for c in captions]  # + start and end of text
+
     def fingerprint(self) -> dict:
         if self._weights_hash is None:
             self._weights_hash = hash_state_dict(self.tower)

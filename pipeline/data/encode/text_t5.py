@@ -65,6 +65,12 @@ class T5TextEncoder(TextEncoder):
         emb = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
         return emb, mask  # (B, L, D), (B, L)
 
+    def token_counts(self, captions: list[str]) -> list[int]:
+        if not captions:  # the tokenizer fails on an empty list
+            return []
+        ids = self.tokenizer(list(captions), truncation=False, verbose=False)["input_ids"]  # with </s>
+        return [len(i) for i in ids]
+
     def fingerprint(self) -> dict:
         if self._weights_hash is None:
             self._weights_hash = hash_state_dict(self.model)

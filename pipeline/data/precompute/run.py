@@ -1,23 +1,27 @@
 """Offline latent precomputation with Ray Data: videos + captions -> Parquet shards of latents.
 
-    read manifest -> work units (stable ids) -> decode (CPU tasks) -> VAE (actors) -> text (actors)
-    -> write one shard per unit (atomic) ; manifest.json + errors/*.jsonl
+    plan (streamed manifest -> work units with stable ids, minus the finished ones: plan/*.parquet)
+    -> decode (CPU tasks) -> VAE (actors) -> text (actors) -> write one shard per unit (atomic)
+    -> index.parquet (appended per batch of units) ; manifest.json (small header) ; errors/<ab>/*.jsonl
 
 Ray Data streams the units through the stages with backpressure, so only a few units per stage are in
-memory at once. Resume: a unit whose shard exists is skipped, and a shard only appears, whole, once
-its unit is done; so a run killed at any moment and started again writes exactly the missing units.
+memory at once. Resume: a unit whose shard exists (one listing of shards/) is skipped, and a shard
+only appears, whole, once its unit is done; so a run killed at any moment and started again writes
+exactly the missing units.
 The output is tied to its encoders, buckets and settings (recorded in manifest.json before the
 first shard): a run with others is refused unless `overwrite=True`. See docs/precompute.md.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
+
+import pyarrow.compute as pc
 
 from pipeline.data.encode.fingerprint import NON_IDENTITY_FIELDS, fingerprint_diff
 from pipeline.data.precompute.config import PrecomputeConfig
@@ -25,19 +29,17 @@ from pipeline.data.precompute.stages import (
     TextStage,
     VAEStage,
     decode_units,
-    make_work_units,
     stable_hash,
-    unit_to_row,
     write_units,
 )
+from pipeline.data.source.plan import PLAN_DIR, Plan, plan_run
+from pipeline.data.store.index import INDEX_NAME, INDEX_PARTS_DIR, IndexAppender, finish_manifest, list_output
 from pipeline.data.store.shards import (
     ERRORS_DIR,
     MANIFEST_NAME,
     SHARDS_DIR,
     ShardError,
-    finish_manifest,
     read_output_manifest,
-    shard_path,
     write_output_manifest,
 )
 from pipeline.data.store.text_conditioning import from_bytes, write_text_conditioning
@@ -226,13 +228,18 @@ def _differences(old: dict, new: dict) -> list[str]:
     return [d if len(d) < 300 else d[:297] + "..." for d in out]
 
 
-def prepare_output(config: PrecomputeConfig, manifest: dict) -> None:
-    """Refuse an output made differently (unless overwrite), clear it if asked, write the provisional manifest."""
+def prepare_output(config: PrecomputeConfig, manifest: dict,
+                   listing: tuple[list[str], list[str]] | None = None) -> list[str]:
+    """Refuse an output made differently (unless overwrite), clear it if asked, write the provisional
+    manifest. Returns the unit ids with a finished shard, from the run's one listing of the output
+    (`listing`: list_output's result when the caller listed already)."""
     out = Path(config.output)
-    found = [p for d in (SHARDS_DIR, ERRORS_DIR) for p in (out / d).glob("*") if p.is_file()]
     if config.overwrite:
-        for path in found + [out / MANIFEST_NAME]:
-            path.unlink(missing_ok=True)
+        for folder in (SHARDS_DIR, ERRORS_DIR, INDEX_PARTS_DIR):
+            shutil.rmtree(out / folder, ignore_errors=True)
+        for name in (MANIFEST_NAME, INDEX_NAME):
+            (out / name).unlink(missing_ok=True)
+        finished = []
     else:
         try:
             existing = read_output_manifest(out)
@@ -245,82 +252,130 @@ def prepare_output(config: PrecomputeConfig, manifest: dict) -> None:
                     f"{out} was made with other encoders, buckets or settings:\n  " + "\n  ".join(diffs)
                     + "\nIts latents would not match this run's. Pass --overwrite (overwrite=True) to delete "
                     "them and start again, or choose another output folder.")
-        elif any(p.suffix == ".parquet" for p in found):
+        finished, leftovers = listing or list_output(out)
+        if existing is None and finished:
             raise PrecomputeError(f"{out} holds shards but no {MANIFEST_NAME}, so nobody knows how they were made; "
                                   "pass --overwrite to delete them, or choose another output folder")
-        for path in found:
-            if path.name.endswith(".tmp"):  # left by a killed writer; never a finished file
-                path.unlink(missing_ok=True)
+        for path in leftovers:  # left by a killed writer; never a finished file
+            Path(path).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     write_output_manifest(out, manifest)
+    return finished
 
 
 def decode_memory_bytes(config: PrecomputeConfig) -> int:
-    """Memory one decode task reserves: its unit's float32 clips three times (frames being converted,
+    """Memory one decode task reserves: its unit's uint8 clips three times (frames being converted,
     clips, the output block) plus 1 GiB for the process (torch, decoders, full-size source frames)."""
-    largest = max(3 * b.frames * b.height * b.width * 4 for b in config.bucket_table())
+    largest = max(3 * b.frames * b.height * b.width for b in config.bucket_table())
     return 3 * largest * config.clips_per_video * config.rows_per_work_unit + (1 << 30)
 
 
-def _run_pipeline(config: PrecomputeConfig, rows: list[dict], vae_fp: dict, text_fp: dict) -> dict:
+def _run_pipeline(config: PrecomputeConfig, plan: Plan, vae_fp: dict, text_fp: dict) -> dict:
     """Stream the pending units through the stages; returns this run's counts."""
     import ray
     from tqdm import tqdm
 
-    stats = {"units": 0, "videos": 0, "clips": 0, "failures": {}, "arrivals": []}
-    if not rows:
+    stats = {"units": 0, "videos": 0, "clips": 0, "failures": {}, "arrivals": [], "written": []}
+    if not plan.pending:
         return stats
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours below counts units and clips; Ray's would interleave with it
     decode_compute = ray.data.TaskPoolStrategy(size=config.decode_concurrency) if config.decode_concurrency else None
-    ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 10_000))
+    # The plan's files are read in the cluster: the driver never holds the units' rows.
+    ds = ray.data.read_parquet(plan.plan_files)
     # A decode task reserves the memory its unit's clips take. Besides guarding against OOM, this keeps
     # Ray Data from fusing the decode tasks into the VAE actors (it fuses ops with equal resources):
     # fused, the VAE would sit idle during every decode.
-    ds = ds.map_batches(decode_units, batch_size=1, num_cpus=config.decode_num_cpus, compute=decode_compute,
-                        memory=decode_memory_bytes(config),
+    # Worker deaths (preemption, OOM kills): tasks run again, actors restart, both within the config's
+    # limits; a unit is written only by the write task that finishes, atomically, so never twice.
+    actor_limits = {"max_restarts": config.actor_restarts, "max_task_retries": config.actor_restarts}
+    ds = ds.map_batches(decode_units, batch_size=1, batch_format="pyarrow", num_cpus=config.decode_num_cpus,
+                        compute=decode_compute, memory=decode_memory_bytes(config), max_retries=config.task_retries,
                         fn_kwargs={"buckets": str(config.bucket_table()), "fps": config.fps,
-                                   "clips_per_video": config.clips_per_video, "backend": config.decode_backend})
+                                   "clips_per_video": config.clips_per_video, "backend": config.decode_backend,
+                                   "source": config.manifest, "decode_timeout": config.decode_timeout})
     # Two calls per actor: Ray Data prepares the next unit (input fetch, batching) while the model runs
     # on the current one; the model itself still runs one unit at a time.
     ds = ds.map_batches(VAEStage, batch_size=1, compute=ray.data.ActorPoolStrategy(
                             size=config.vae_concurrency, max_concurrent_calls_per_actor=2),
-                        num_cpus=config.vae_num_cpus, num_gpus=config.num_gpus_per_actor,
+                        num_cpus=config.vae_num_cpus, num_gpus=config.num_gpus_per_actor, **actor_limits,
                         fn_constructor_kwargs={"kind": config.vae, "build_kwargs": config.vae_build_kwargs(),
                                                "fingerprint": vae_fp, "batch_size": config.vae_batch_size,
                                                "num_cpus": config.vae_num_cpus})
     ds = ds.map_batches(TextStage, batch_size=1, compute=ray.data.ActorPoolStrategy(
                             size=config.text_concurrency, max_concurrent_calls_per_actor=2),
-                        num_cpus=config.text_num_cpus, num_gpus=config.text_gpus,
+                        num_cpus=config.text_num_cpus, num_gpus=config.text_gpus, **actor_limits,
                         fn_constructor_kwargs={"kind": config.text_encoder, "build_kwargs": config.text_build_kwargs(),
                                                "fingerprint": text_fp, "batch_size": config.text_batch_size,
                                                "num_cpus": config.text_num_cpus})
-    ds = ds.map_batches(write_units, batch_size=1, num_cpus=config.write_num_cpus,
-                        fn_kwargs={"output": config.output, "storage_dtype": config.storage_dtype})
+    ds = ds.map_batches(write_units, batch_size=1, num_cpus=config.write_num_cpus, max_retries=config.task_retries,
+                        fn_kwargs={"output": config.output, "storage_dtype": config.storage_dtype,
+                                   "bucket_keys": [b.name for b in config.bucket_table()]})
     interactive = sys.stderr.isatty()  # in a Ray job's log, redraw every 30 s rather than 10 times a second
-    with tqdm(total=len(rows), unit="unit", desc="precompute", disable=not config.progress, dynamic_ncols=True,
+    appender = IndexAppender(config.output)
+    with tqdm(total=plan.pending, unit="unit", desc="precompute", disable=not config.progress, dynamic_ncols=True,
               mininterval=0.1 if interactive else 30.0) as bar:
-        for row in ds.iter_rows():
-            stats["units"] += 1
-            stats["videos"] += int(row["videos"])
-            stats["clips"] += int(row["clips"])
-            stats["arrivals"].append((time.time(), int(row["clips"])))  # for the steady-state rate
-            for reason, n in json.loads(row["failures"]).items():
+        # Whole blocks of finished units, as Arrow tables: the driver appends them to the index and sums
+        # their counts column-wise, with no Python work per unit.
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            appender.add(batch)
+            stats["written"] += batch.column("unit_id").to_pylist()
+            clips = int(pc.sum(batch.column("rows")).as_py() or 0)
+            stats["units"] += batch.num_rows
+            stats["videos"] += int(pc.sum(batch.column("videos")).as_py() or 0)
+            stats["clips"] += clips
+            stats["arrivals"].append((time.time(), clips))  # for the steady-state rate
+            flat = pc.list_flatten(batch.column("failures"))
+            for reason, n in zip(pc.struct_field(flat, "reason").to_pylist(),
+                                 pc.struct_field(flat, "count").to_pylist()):
                 stats["failures"][reason] = stats["failures"].get(reason, 0) + n
-            bar.update(1)
+            bar.update(batch.num_rows)
             bar.set_postfix(clips=stats["clips"], failed=sum(stats["failures"].values()))
+    appender.flush()
     return stats
 
 
+def unit_settings_hash(config: PrecomputeConfig) -> str:
+    """The settings a work unit's id depends on (known before any encoder is loaded; an output made
+    with other encoders is refused, so the encoders need not be part of the ids)."""
+    return stable_hash({"buckets": str(config.bucket_table()),
+                        **{name: getattr(config, name) for name in SETTING_FIELDS}})
+
+
+def plan_precompute(config: PrecomputeConfig, *, write: bool) -> tuple[Plan, tuple[list[str], list[str]]]:
+    """One listing of the output, then the plan (see pipeline/data/source/plan.py); written into
+    the output folder with `write`. A bad manifest fails here, before Ray starts."""
+    listing = ([], []) if config.overwrite else list_output(config.output)
+    plan = plan_run(config.manifest, rows_per_unit=config.rows_per_work_unit, settings_hash=unit_settings_hash(config),
+                    finished=listing[0], write_to=config.output if write else None,
+                    video_column=config.video_column, caption_column=config.caption_column,
+                    start_column=config.start_column, end_column=config.end_column)
+    return plan, listing
+
+
+def format_plan(config: PrecomputeConfig, plan: Plan, seconds: float) -> str:
+    return "\n".join([
+        f"precompute plan: {config.manifest} -> {config.output}",
+        f"  videos in         {plan.records}",
+        f"  work units        {plan.units}  ({config.rows_per_work_unit} rows each)",
+        f"  already done      {plan.finished}" + ("  (--overwrite: none kept)" if config.overwrite else ""),
+        f"  to do             {plan.pending}  ({plan.pending_rows} videos)",
+        f"  planned in        {seconds:.1f} s (nothing decoded; encoders and settings are checked by the run)",
+    ])
+
+
 def run_precompute(config: PrecomputeConfig) -> dict:
-    """Run (or resume) a precomputation; prints and returns the summary (see `format_summary`)."""
+    """Run (or resume) a precomputation; prints and returns the summary (see `format_summary`).
+    With `config.plan_only`: plans, prints and returns the counts, and starts nothing."""
+    start = time.time()
+    plan, listing = plan_precompute(config, write=not config.plan_only)
+    if config.plan_only:
+        print(format_plan(config, plan, time.time() - start), flush=True)
+        return {"status": "planned", "output": config.output, "videos_in": plan.records, "work_units": plan.units,
+                "work_units_skipped": plan.finished, "work_units_pending": plan.pending,
+                "videos_pending": plan.pending_rows, "total_seconds": round(time.time() - start, 3)}
     import ray
 
-    from pipeline.data.source.manifest import load_records
-
-    start = time.time()
-    records = load_records(config.manifest, video_column=config.video_column, caption_column=config.caption_column,
-                           start_column=config.start_column, end_column=config.end_column)
     started_ray = _init_ray(config)
     try:
         if not started_ray:  # a cluster we joined
@@ -330,16 +385,19 @@ def run_precompute(config: PrecomputeConfig) -> dict:
             print(f"precompute: warning: encoder actors need {need:g} GPU each and the cluster has {have:g} now; "
                   "waiting for GPUs (use --num-gpus-per-actor 0 to encode on CPUs)", file=sys.stderr, flush=True)
         vae, text = describe_encoders(config)
-        manifest = build_output_manifest(config, vae, text, len(records))
-        prepare_output(config, manifest)
+        manifest = build_output_manifest(config, vae, text, plan.records)
+        try:
+            finished = prepare_output(config, manifest, listing)
+        except PrecomputeError:
+            shutil.rmtree(Path(config.output) / PLAN_DIR, ignore_errors=True)  # the refused run's own plan
+            raise
         write_text_conditioning(config.output, from_bytes(text.pop("conditioning"), source="the text encoder"))
-        units = make_work_units(records, rows_per_unit=config.rows_per_work_unit,
-                                settings_hash=manifest["settings_hash"])
-        pending = [u for u in units if not shard_path(config.output, u.unit_id).exists()]
         pipeline_start = time.time()
-        stats = _run_pipeline(config, [unit_to_row(u) for u in pending], vae["fingerprint"], text["fingerprint"])
+        stats = _run_pipeline(config, plan, vae["fingerprint"], text["fingerprint"])
         seconds = time.time() - pipeline_start
-        final = finish_manifest(config.output, manifest, [u.unit_id for u in units])
+        # Units written now are known from the pipeline's own rows: no second listing of the output.
+        final = finish_manifest(config.output, manifest, plan.unit_ids, finished=finished + stats["written"])
+        shutil.rmtree(Path(config.output) / PLAN_DIR, ignore_errors=True)
     finally:
         if started_ray:
             ray.shutdown()
@@ -347,15 +405,18 @@ def run_precompute(config: PrecomputeConfig) -> dict:
     summary = {
         "output": config.output,
         "status": final["status"],
-        "videos_in": len(records),
-        "work_units": len(units),
-        "work_units_skipped": len(units) - len(pending),
+        "videos_in": plan.records,
+        "work_units": plan.units,
+        "work_units_skipped": plan.finished,
         "work_units_written": stats["units"],
         "videos_this_run": stats["videos"],
         "clips_this_run": stats["clips"],
         "failures_this_run": stats["failures"],
         "clips_out": totals["clips"],
         "failed_videos": totals["failed_videos"],
+        "long_captions": totals["long_captions"],
+        "long_caption_examples": totals["long_caption_examples"],
+        "text_max_length": text["max_length"],
         "failures_by_reason": totals["failures_by_reason"],
         "pipeline_seconds": round(seconds, 3),
         "total_seconds": round(time.time() - start, 3),
@@ -382,7 +443,10 @@ def format_summary(summary: dict) -> str:
         f"  videos in         {summary['videos_in']}  ({summary['work_units']} work units: "
         f"{summary['work_units_skipped']} already done, {summary['work_units_written']} written now)",
         f"  clips out         {summary['clips_out']}  ({summary['clips_this_run']} this run)",
-        f"  failed videos     {summary['failed_videos']}  ({failures}; details in {ERRORS_DIR}/*.jsonl)",
+        f"  failed videos     {summary['failed_videos']}  ({failures}; details in {ERRORS_DIR}/*/*.jsonl)",
+        f"  captions cut      {summary['long_captions']}  (clips whose caption has more than the text encoder's "
+        f"{summary['text_max_length']} tokens)" + "".join(f"\n                    e.g. {c[:100]!r}"
+                                                         for c in summary["long_caption_examples"][:3]),
         f"  clips per second  {summary['clips_per_second']:.2f}  ({summary['clips_this_run']} clips in "
         f"{summary['pipeline_seconds']:.1f} s; {summary['total_seconds']:.1f} s with start-up; "
         + (f"{summary['steady_clips_per_second']:.2f} once running)" if summary["steady_clips_per_second"]

@@ -1,9 +1,9 @@
 """The stages of the precompute pipeline, one Ray Data row per work unit all the way through.
 
 A work unit (a few consecutive manifest rows) travels as one row: {"unit_id", "meta" (JSON: clips,
-errors, videos), "video" | "latent" + "text" (flat float32 arrays, clips concatenated in shard-row
-order)}. Keeping the unit whole means the VAE and the text encoder see batches made from one unit
-only, so a unit's numbers do not depend on which other units shared an actor call: a resumed run
+errors, videos), "video" (flat uint8 pixels: 4x fewer object-store bytes than float32; the VAE actor
+makes them float) | "latent" + "text" (flat float32), clips concatenated in shard-row order}.
+Keeping the unit whole means the VAE and the text encoder see batches made from one unit only, so a unit's numbers do not depend on which other units shared an actor call: a resumed run
 reproduces an uninterrupted one bit for bit (same hardware), and the writer needs no regrouping.
 
 decode_units (CPU tasks) -> VAEStage (actors) -> TextStage (actors) -> write_units (tasks).
@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
 import time
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -22,51 +23,22 @@ from pipeline.data.source.manifest import VideoRecord
 from pipeline.data.store.shards import (
     ShardRow,
     errors_path,
+    relative_shard_file,
     shard_path,
     shard_table,
     write_jsonl_atomic,
     write_shard,
 )
 
+LONG_CAPTION_EXAMPLES = 3  # long captions named per unit (the summary names the first few of the run)
+
 
 def stable_hash(obj, length: int = 16) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:length]
 
 
-@dataclass(frozen=True, kw_only=True)
-class WorkUnit:
-    """A few consecutive manifest rows; one shard. Its id depends on its videos and the settings only."""
-
-    unit_id: str
-    """hash of (settings, every video's path, window, caption); names the shard file."""
-    index: int
-    """Position among the run's work units (manifest order)."""
-    videos: tuple[tuple[str, VideoRecord], ...]
-    """(video id, record) per manifest row."""
-
-
-def make_work_units(records: list[VideoRecord], *, rows_per_unit: int, settings_hash: str) -> list[WorkUnit]:
-    """Cut the records, in manifest order, into units; appending rows leaves earlier units unchanged."""
-    seen: dict[tuple, int] = {}
-    keyed = []
-    for r in records:
-        key = (r.path, r.start, r.end, r.caption)
-        occurrence = seen[key] = seen.get(key, -1) + 1  # the n-th identical row stays distinct
-        keyed.append((stable_hash([settings_hash, *key, occurrence]), r))
-    units = []
-    for index, first in enumerate(range(0, len(keyed), rows_per_unit)):
-        videos = tuple(keyed[first:first + rows_per_unit])
-        units.append(WorkUnit(unit_id=stable_hash([settings_hash, [v for v, _ in videos]], 20), index=index,
-                              videos=videos))
-    return units
-
-
-def unit_to_row(unit: WorkUnit) -> dict:
-    return {"unit_id": unit.unit_id, "videos": json.dumps([[v, asdict(r)] for v, r in unit.videos])}
-
-
-def _flat(arrays: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, np.float32)
+def _flat(arrays: list[np.ndarray], dtype=np.float32) -> np.ndarray:
+    return np.concatenate([a.reshape(-1) for a in arrays]).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
 
 
 def _objects(items: list) -> np.ndarray:
@@ -76,26 +48,65 @@ def _objects(items: list) -> np.ndarray:
     return out
 
 
-def decode_units(batch: dict, *, buckets: str, fps: float, clips_per_video: int, backend: str) -> dict:
-    """Probe, plan and decode every video of each unit; failures become error entries, never exceptions."""
+def within(seconds: float, what: str, fn):
+    """fn() in a daemon thread: its result or its exception, or DecodeError("timeout") after `seconds`.
+
+    A decoder blocked in C (a pipe whose writer hangs, a network file system that stopped answering)
+    cannot be interrupted from Python: its thread is abandoned, blocked, and the task goes on with
+    the next video. Daemon, so it never holds up the worker's exit."""
+    from pipeline.data.decode.container import DecodeError
+
+    box: dict = {}
+    done = threading.Event()
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller as it is
+            box["error"] = err
+        finally:
+            done.set()
+
+    threading.Thread(target=target, daemon=True, name="pomvid-decode").start()
+    if not done.wait(seconds):
+        raise DecodeError("timeout", f"{what}: probing and decoding took longer than {seconds:g} s "
+                                     "(--decode-timeout); skipped")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def decode_units(batch, *, buckets: str, fps: float, clips_per_video: int, backend: str,
+                 source: str = "", decode_timeout: float = 120.0) -> dict:
+    """Probe, plan and decode every video of each unit; failures become error entries, never exceptions.
+
+    `batch`: units as the plan stores them (pipeline/data/source/plan.py PLAN_SCHEMA), a pyarrow table.
+    A video that takes longer than `decode_timeout` seconds is recorded with reason "timeout"."""
     from pipeline.data.decode.buckets import parse_buckets
     from pipeline.data.decode.container import DecodeError, probe
     from pipeline.data.decode.video import decode_clips, plan_clips
+    from pipeline.data.source.plan import unit_video_id
 
     table = parse_buckets(buckets)
     order = {b.name: i for i, b in enumerate(table)}
     out = {"unit_id": [], "meta": [], "video": []}
-    for unit_id, videos_json in zip(batch["unit_id"], batch["videos"]):
+    for unit_id, videos in zip(batch.column("unit_id").to_pylist(), batch.column("videos").to_pylist()):
         clips, errors, arrays = [], [], []
-        videos = json.loads(videos_json)
-        for row_in_unit, (video_id, fields) in enumerate(videos):
-            record = VideoRecord(**fields)
-            try:
-                plans = plan_clips(record, probe(record.path), table, fps, clips_per_video)
+        for row_in_unit, fields in enumerate(videos):
+            video_id = unit_video_id(unit_id, row_in_unit)
+            record = VideoRecord(path=os.path.normpath(os.path.expanduser(fields["path"])), caption=fields["caption"],
+                                 start=fields["start"], end=fields["end"], source_row=fields["source_row"],
+                                 source=source)
+            def decode(record=record):
+                info = probe(record.path)  # size as shown (rotation applied): a phone video is portrait
+                plans = plan_clips(record, info, table, fps, clips_per_video)
                 bucket = plans[0].bucket  # one video, one bucket; its clips share one decoding pass
-                decoded = decode_clips(record.path, starts=[p.start for p in plans], frames=bucket.frames,
-                                       height=bucket.height, width=bucket.width, fps=fps, backend=backend)
-                # (3, T, H, W) each
+                return plans, decode_clips(record.path, starts=[p.start for p in plans], frames=bucket.frames,
+                                           height=bucket.height, width=bucket.width, fps=fps, backend=backend,
+                                           uint8=True, rotation=info.rotation)  # (3, T, H, W) uint8 each
+
+            try:
+                plans, decoded = within(decode_timeout, record.path, decode)
             except DecodeError as err:
                 errors.append({"id": video_id, "path": record.path, "source_row": record.source_row,
                                "reason": err.reason, "message": err.message})
@@ -117,7 +128,7 @@ def decode_units(batch: dict, *, buckets: str, fps: float, clips_per_video: int,
         meta = {"videos": len(videos), "clips": [clips[i] for i in ranked], "errors": errors}
         out["unit_id"].append(unit_id)
         out["meta"].append(json.dumps(meta))
-        out["video"].append(_flat([arrays[i] for i in ranked]).astype(np.float32, copy=False))
+        out["video"].append(_flat([arrays[i] for i in ranked], np.uint8))
     return {"unit_id": np.array(out["unit_id"]), "meta": np.array(out["meta"]), "video": _objects(out["video"])}
 
 
@@ -162,15 +173,18 @@ class VAEStage:
 
         import torch
 
+        from pipeline.data.decode.frames import uint8_to_model_range
+
         if not clips:
             return np.zeros(0, np.float32)
         with warnings.catch_warnings():  # Ray hands out read-only arrays; nothing here writes to it
             warnings.simplefilter("ignore", UserWarning)
             flat = torch.from_numpy(video)
         if self.vae.device.type == "cuda":
-            # The whole unit to the GPU in one asynchronous copy, and the latents back in one: the GPU
-            # runs the unit's batches back to back instead of waiting for the host between them.
+            # The whole unit to the GPU in one asynchronous copy (uint8: a quarter of float32's bytes),
+            # and the latents back in one: the GPU runs the unit's batches back to back.
             flat = flat.pin_memory().to(self.vae.device, non_blocking=True)
+        flat = uint8_to_model_range(flat)  # (N,) float32 in [-1, 1], on the VAE's device
         latents, offset, i = [], 0, 0
         while i < len(clips):
             # Consecutive clips of one shape (rows are sorted by bucket) are contiguous in `video`.
@@ -214,8 +228,12 @@ class TextStage:
                         raise RuntimeError(f"text encoder mask for {caption!r} is not a prefix; "
                                            "shards store the first `length` tokens only")
                     valid[caption] = e[:length]  # (length, D)
+            long = {c for c, n in zip(captions, self.encoder.token_counts(captions)) if n > self.encoder.max_length}
             for clip in meta["clips"]:
                 clip["text_length"] = int(valid[clip["caption"]].shape[0])
+            # Cut to max_length by the encoder: counted per clip, and the first few named in the index.
+            meta["long_captions"] = sum(c["caption"] in long for c in meta["clips"])
+            meta["long_caption_examples"] = [c for c in captions if c in long][:LONG_CAPTION_EXAMPLES]
             meta["text_dim"] = int(self.encoder.dim)
             metas.append(json.dumps(meta))
             texts.append(_flat([valid[c["caption"]] for c in meta["clips"]]).astype(np.float32, copy=False))
@@ -223,9 +241,14 @@ class TextStage:
                 "text": _objects(texts)}
 
 
-def write_units(batch: dict, *, output: str, storage_dtype: str) -> dict:
-    """Write each unit's errors file, then its shard (the shard's existence marks the unit done)."""
-    out = {"unit_id": [], "videos": [], "clips": [], "failures": [], "written_at": []}
+def write_units(batch: dict, *, output: str, storage_dtype: str, bucket_keys: list[str]):
+    """Write each unit's errors file, then its shard (the shard's existence marks the unit done);
+    returns the units' index rows (pipeline/data/store/index.py INDEX_SCHEMA) plus written_at."""
+    import pyarrow as pa
+
+    from pipeline.data.store.index import INDEX_SCHEMA, index_table
+
+    cols: dict[str, list] = {name: [] for name in INDEX_SCHEMA.names}
     for unit_id, meta_json, latent, text in zip(batch["unit_id"], batch["meta"], batch["latent"], batch["text"]):
         meta = json.loads(meta_json)
         rows, lat_off, txt_off = [], 0, 0
@@ -250,11 +273,17 @@ def write_units(batch: dict, *, output: str, storage_dtype: str) -> dict:
             write_jsonl_atomic(errors_path(output, unit_id), [{"unit_id": unit_id, **e} for e in meta["errors"]])
         else:  # a file fixed since an interrupted attempt must not stay listed as failed
             errors_path(output, unit_id).unlink(missing_ok=True)
-        shard_meta = {"unit_id": unit_id, "videos": meta["videos"], "buckets": buckets, "failures": failures}
+        shard_meta = {"unit_id": unit_id, "videos": meta["videos"], "buckets": buckets, "failures": failures,
+                      "long_captions": meta.get("long_captions", 0),
+                      "long_caption_examples": meta.get("long_caption_examples", [])}
         write_shard(shard_path(output, unit_id), shard_table(rows, storage_dtype=storage_dtype, metadata=shard_meta))
-        out["unit_id"].append(unit_id)
-        out["videos"].append(meta["videos"])
-        out["clips"].append(len(rows))
-        out["failures"].append(json.dumps(failures))
-        out["written_at"].append(time.time())
-    return {k: np.array(v) for k, v in out.items()}
+        cols["file"].append(relative_shard_file(unit_id))
+        cols["unit_id"].append(str(unit_id))
+        cols["rows"].append(len(rows))
+        cols["videos"].append(meta["videos"])
+        cols["clips_per_bucket"].append([buckets.get(k, 0) for k in bucket_keys])
+        cols["failures"].append([{"reason": r, "count": n} for r, n in sorted(failures.items())])
+        cols["long_captions"].append(shard_meta["long_captions"])
+        cols["long_caption_examples"].append(shard_meta["long_caption_examples"])
+    table = index_table(cols)
+    return table.append_column("written_at", pa.array([time.time()] * table.num_rows, pa.float64()))

@@ -1,15 +1,18 @@
-"""The latent store: Parquet shards, manifest.json and errors/*.jsonl, each written atomically.
+"""The latent store: Parquet shards, manifest.json, index.parquet and errors/*/*.jsonl, each written atomically.
 
 Layout of an output folder (made by `pipeline.data.precompute.run_precompute`):
 
-    manifest.json            schema version, encoder fingerprints, latent scaling/shift, bucket table,
-                             settings, per-shard counts, totals ("status": "running" until the run ends)
-    shards/<unit_id>.parquet one per work unit; its existence marks the unit as finished (resume)
-    errors/<unit_id>.jsonl   one line per failed video of that unit (id, path, reason, message)
+    manifest.json                 the small header: schema version, encoder fingerprints, latent
+                                  scaling/shift, bucket table, settings, totals, status
+    index.parquet                 one row per shard (pipeline/data/store/index.py)
+    shards/<ab>/<unit_id>.parquet one per work unit, <ab> = the id's first two characters, so a
+                                  folder holds about 1/256 of the shards (2.5k at 10M clips);
+                                  its existence marks the unit as finished (resume)
+    errors/<ab>/<unit_id>.jsonl   one line per failed video of that unit (id, path, reason, message)
 
 Arrays are stored as raw little-endian bytes plus shape and dtype (never pickle). A shard's rows are
 sorted by bucket (in the order of the bucket table), then by clip order within the unit, so the
-manifest's per-shard bucket counts locate every row without opening the shard. Every row is its
+index's per-shard bucket counts locate every row without opening the shard. Every row is its
 own Parquet row group, so a reader fetches one sample without decoding its neighbours.
 """
 
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: a JSON shard list in manifest.json and flat shards/ errors/ folders
+PREFIX_LENGTH = 2
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 ERRORS_DIR = "errors"
@@ -120,6 +126,25 @@ def bytes_to_tensor(buf: bytes | memoryview, shape, dtype: str) -> torch.Tensor:
     return tensor.float()
 
 
+def bytes_to_view(buf, shape, dtype: str) -> torch.Tensor:
+    """A tensor of `shape` in the storage dtype that reads `buf` in place (no copy): for a reader that
+    converts to float32 while copying into its batch, in one pass. Little-endian hosts only (others
+    use bytes_to_tensor)."""
+    if dtype not in STORAGE_DTYPES:
+        raise ShardError(f"stored dtype {dtype!r} is not one of {sorted(STORAGE_DTYPES)}; the shard is corrupt")
+    if sys.byteorder != "little":
+        return bytes_to_tensor(buf, shape, dtype)
+    shape = tuple(int(s) for s in shape)
+    with warnings.catch_warnings():  # read-only Arrow memory: nothing writes to the view
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.from_numpy(np.frombuffer(buf, dtype=_NUMPY_CARRIER[dtype]))
+    if dtype == "bfloat16":
+        flat = flat.view(torch.bfloat16)
+    if flat.numel() != int(np.prod(shape, dtype=np.int64)):
+        raise ShardError(f"{flat.numel()} stored values do not fill shape {shape}; the shard is corrupt")
+    return flat.reshape(shape)
+
+
 def shard_table(rows: list[ShardRow], *, storage_dtype: str, metadata: dict) -> pa.Table:
     """A shard's table (rows in the given order) with `metadata` (JSON) in the schema metadata."""
     columns: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
@@ -199,12 +224,17 @@ def write_jsonl_atomic(path: str | Path, records: list[dict]) -> None:
     _atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
+def relative_shard_file(unit_id: str) -> str:
+    """The shard's path relative to the output folder: shards/<first two characters>/<unit_id>.parquet."""
+    return f"{SHARDS_DIR}/{unit_id[:PREFIX_LENGTH]}/{unit_id}.parquet"
+
+
 def shard_path(root: str | Path, unit_id: str) -> Path:
-    return Path(root) / SHARDS_DIR / f"{unit_id}.parquet"
+    return Path(root) / relative_shard_file(unit_id)
 
 
 def errors_path(root: str | Path, unit_id: str) -> Path:
-    return Path(root) / ERRORS_DIR / f"{unit_id}.jsonl"
+    return Path(root) / ERRORS_DIR / unit_id[:PREFIX_LENGTH] / f"{unit_id}.jsonl"
 
 
 def read_shard_metadata(path: str | Path) -> dict:
@@ -262,6 +292,12 @@ def read_output_manifest(root: str | Path) -> dict | None:
     except (OSError, ValueError) as err:
         raise ShardError(f"{path}: not valid JSON ({err}); run precompute again with --overwrite") from err
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version == 1:
+        raise ShardError(
+            f"{path}: made by an older pomvid (schema 1: a JSON list of shards, no index.parquet) that this "
+            "version does not read; run the same precompute command again with --overwrite (or into a new "
+            "folder) to rebuild the output in the current layout"
+        )
     if version != SCHEMA_VERSION:
         raise ShardError(
             f"{path}: schema_version {version!r}, this code reads {SCHEMA_VERSION}; "
@@ -275,55 +311,10 @@ def write_output_manifest(root: str | Path, manifest: dict) -> None:
 
 
 def read_errors(root: str | Path) -> list[dict]:
-    """Every error line of every errors/*.jsonl file, sorted by file name then line."""
+    """Every error line of every errors/*/*.jsonl file, sorted by file name then line."""
     records = []
-    for path in sorted((Path(root) / ERRORS_DIR).glob("*.jsonl")):
+    for path in sorted((Path(root) / ERRORS_DIR).glob("*/*.jsonl"), key=lambda p: p.name):
         for line in path.read_text().splitlines():
             if line.strip():
                 records.append(json.loads(line))
     return records
-
-
-def shard_entry(root: str | Path, unit_id: str) -> dict:
-    """manifest.json's record of one finished shard, from its footer: file, rows, videos, buckets, failures."""
-    own = read_shard_metadata(shard_path(root, unit_id))
-    return {
-        "file": f"{SHARDS_DIR}/{unit_id}.parquet",
-        "unit_id": unit_id,
-        "rows": own["rows"],
-        "videos": int(own.get("videos", 0)),
-        "buckets": dict(own.get("buckets", {})),
-        "failures": dict(own.get("failures", {})),
-    }
-
-
-def finish_manifest(root: str | Path, manifest: dict, unit_ids: list[str]) -> dict:
-    """Write manifest.json listing the shards of `unit_ids` (in that order) with counts and totals.
-
-    Status is "complete" when every unit has its shard, "incomplete" otherwise (a loader refuses it).
-    Shards of units not in `unit_ids` (left from an older input manifest) are not listed.
-    """
-    entries = [shard_entry(root, u) for u in unit_ids if shard_path(root, u).exists()]
-    failures: dict[str, int] = {}
-    per_bucket: dict[str, int] = {}
-    for entry in entries:
-        for reason, n in entry["failures"].items():
-            failures[reason] = failures.get(reason, 0) + n
-        for key, n in entry["buckets"].items():
-            per_bucket[key] = per_bucket.get(key, 0) + n
-    manifest = {
-        **manifest,
-        "status": "complete" if len(entries) == len(unit_ids) else "incomplete",
-        "shards": entries,
-        "totals": {
-            "work_units": len(unit_ids),
-            "shards": len(entries),
-            "videos": sum(e["videos"] for e in entries),
-            "clips": sum(e["rows"] for e in entries),
-            "clips_per_bucket": per_bucket,
-            "failed_videos": sum(failures.values()),
-            "failures_by_reason": failures,
-        },
-    }
-    write_output_manifest(root, manifest)
-    return manifest
