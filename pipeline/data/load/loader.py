@@ -21,6 +21,7 @@ import json
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -264,27 +265,25 @@ class LatentLoader:
         copy to the GPU can be asynchronous)."""
         return self.dataset.collate(self.dataset.samples(self.local_indices(global_batch)), pin_memory=self.pin_memory)
 
-    def _positions(self, epoch: int, step: int):
-        """(epoch, step) from here on, across epoch ends, without end."""
-        while True:
-            yield from ((epoch, s) for s in range(step, len(self.plan(epoch))))
-            epoch, step = epoch + 1, 0
-
     def _read_ahead(self, epoch: int, step: int):
         """The background read-ahead positioned at (epoch, step): the running one when it is there
         already, else a new one (after set_epoch / load_state_dict the old one is dropped)."""
         if self._ahead is not None and self._ahead[1] == (epoch, step):
             return self._ahead[0]
         self.close()
-        ahead = Prefetcher(lambda at: self.batch(self.plan(at[0])[at[1]][1]), depth=self.prefetch,
-                           threads=self.threads).run(self._positions(epoch, step))
+        # Through a weak proxy: the read-ahead must not keep the loader alive, so that a dropped loader
+        # stops its threads at once (the finalizer), not at the next cyclic garbage collection.
+        me = weakref.proxy(self)
+        ahead = Prefetcher(lambda at: me.batch(me.plan(at[0])[at[1]][1]), depth=self.prefetch,
+                           threads=self.threads).run(_positions(me, epoch, step))
         self._ahead = (ahead, (epoch, step))
+        self._stop_ahead = weakref.finalize(self, ahead.close)  # cancels what it read ahead, stops its threads
         return ahead
 
     def close(self) -> None:
         """Stop the background read-ahead (it is started again by the next iteration)."""
         if self._ahead is not None:
-            self._ahead[0].close()  # the Prefetcher cancels what it read ahead and stops its threads
+            self._stop_ahead()
             self._ahead = None
 
     def __iter__(self):
@@ -343,6 +342,13 @@ class LatentLoader:
         if state["samples_consumed"] % self.global_batch_size:
             raise ValueError(f"samples_consumed={state['samples_consumed']} is not a whole number of global batches")
         self.epoch, self._consumed = int(state["epoch"]), int(state["samples_consumed"])
+
+
+def _positions(loader: LatentLoader, epoch: int, step: int):
+    """(epoch, step) from here on, across epoch ends, without end."""
+    while True:
+        yield from ((epoch, s) for s in range(step, len(loader.plan(epoch))))
+        epoch, step = epoch + 1, 0
 
 
 def _timed(fn, *args) -> tuple[object, float]:
