@@ -216,7 +216,14 @@ class TrainConfig:
     """Save a checkpoint every this many steps (and always at the end); 0: only at the end."""
 
     keep_checkpoints: int = 3
-    """Keep the newest this many complete checkpoints (0: keep all)."""
+    """Keep the newest this many complete checkpoints (0: keep all), in the output folder and the mirror."""
+
+    checkpoint_mirror: str = ""
+    """Object-storage prefix (s3://BUCKET/PREFIX; gs://, abfs:// too) that every complete checkpoint is copied
+    to, in the background while training goes on. Needed when nodes do not share the output folder: each
+    node then writes its part locally, and `--resume auto` on fresh nodes (empty output folders) restores
+    the newest complete checkpoint from here. Credentials and endpoint come from the standard environment
+    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...). Empty: no mirror."""
 
     ema_decay: float = 0.9999
     """Decay of the exponential moving average of the weights (0 disables the EMA)."""
@@ -237,6 +244,9 @@ class TrainConfig:
         _in_range("TrainConfig", "peak_tflops", self.peak_tflops, 0.0, float("inf"))
         if not self.output_dir:
             raise ConfigError("TrainConfig.output_dir is empty; give a folder for checkpoints (--output-dir)")
+        if self.checkpoint_mirror and "://" not in self.checkpoint_mirror:
+            raise ConfigError(f"TrainConfig.checkpoint_mirror={self.checkpoint_mirror!r} is not a URI; give an "
+                              "object-storage prefix such as s3://BUCKET/runs/NAME (file:///PATH for a mounted folder)")
 
 
 @dataclass(kw_only=True)

@@ -3,7 +3,8 @@
     1. process group and device          (pipeline/train/distributed.py)
     2. dp x sp layout and batch split     (RunConfig.layout, ParallelDims)
     3. latent data set, model dims        (the data set's channels / text width win with infer_data_dims)
-    4. which checkpoint to resume from    (none / auto / a folder; another world size -> universal)
+    4. which checkpoint to resume from    (none / auto / a folder; another world size -> universal);
+       every rank sees one output folder, or checkpoints are mirrored (shared_folder.py, mirror.py)
     5. model, sequence parallelism        (seeded init; parallelize_pom_dit)
     6. DeepSpeed config and engine        (ours, a user's JSON merged over it, our LR schedule)
     7. EMA, text conditioning, resume state, MLflow run
@@ -19,10 +20,13 @@ from pathlib import Path
 
 import torch
 
+from pipeline import storage
 from pipeline.config import ConfigError, RunConfig
 from pipeline.config_overrides import config_to_dict
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.distributed import barrier, init_distributed
+from pipeline.train.mirror import CheckpointMirror, resolve_mirrored_resume
+from pipeline.train.shared_folder import check_output_folder
 
 log = logging.getLogger("pomvid.train")
 RESUME_MODES = ("none", "auto")
@@ -85,7 +89,24 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
     output_dir = Path(config.train.output_dir)
     ckpt_root = output_dir / "checkpoints"
     resume_dir = resolve_resume(resume, ckpt_root)
+    mirror_uri = config.train.checkpoint_mirror
+    if mirror_uri and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        storage.preflight(mirror_uri)  # one clear error per node before anything slow starts
     info = init_distributed()
+    # Every rank must see the same output folder, unless complete checkpoints live in the mirror.
+    sharing = check_output_folder(output_dir, rank=info.rank, world_size=info.world_size, device=info.device,
+                                  mirror=mirror_uri)
+    mirror = None
+    if mirror_uri:
+        if resume in RESUME_MODES:
+            resume_dir = resolve_mirrored_resume(mirror_uri, ckpt_root, resume=resume, local=resume_dir,
+                                                 shared=sharing.shared, owner=sharing.owner, rank=info.rank,
+                                                 device=info.device)
+        mirror = CheckpointMirror(mirror_uri, rank=info.rank, world_size=info.world_size,
+                                  keep=config.train.keep_checkpoints, device=info.device)
+        if info.is_main:
+            log.info("checkpoints are mirrored to %s (output folder %s)", storage.redact(mirror_uri),
+                     "shared by all ranks" if sharing.shared else "local to each node")
     layout = config.layout(info.world_size)
     dims = ParallelDims(dp=layout.dp, sp=layout.sp)
     # 3. data
@@ -109,7 +130,7 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
         ds_config = deep_merge(ds_config, user_deepspeed_config)
     load_dir = resume_dir
     if universal:
-        load_dir = ckpt.ensure_universal(resume_dir, rank=info.rank, barrier=barrier)
+        load_dir = ckpt.ensure_universal(resume_dir, rank=info.rank, barrier=barrier, owner=sharing.owner)
         ds_config = deep_merge(ds_config, {"checkpoint": {"load_universal": True}})
     scheduler = None if "scheduler" in ds_config else lr_scheduler_factory(config)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config,
@@ -152,4 +173,4 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
     barrier()
     return Trainer(config=config, layout=layout, info=info, dims=dims, dataset=dataset, loader=loader, engine=engine,
                    ema=ema, conditioning=conditioning, tracker=tracker, validator=validator, ds_config=ds_config,
-                   start_step=start_step, counters=counters, peak_flops=peak)
+                   start_step=start_step, counters=counters, peak_flops=peak, mirror=mirror, sharing=sharing)

@@ -150,11 +150,12 @@ def _fault_delay(step: int) -> None:
 
 
 def save(engine, root: Path, step: int, *, ema_state: dict | None, trainer_state: dict, rank: int,
-         barrier) -> Path:
+         barrier, owner: bool | None = None) -> Path:
     """Save a checkpoint of `step` (every rank calls this); returns its folder once it is complete.
 
     ema_state: the full EMA tensors (already gathered, needed on rank 0 only). barrier(): a barrier
-    over all ranks.
+    over all ranks. owner: this rank clears the folder of an interrupted save (default: rank 0; with
+    node-local output folders the lowest rank of each folder, pipeline/train/shared_folder.py).
     """
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
@@ -165,13 +166,11 @@ def save(engine, root: Path, step: int, *, ema_state: dict | None, trainer_state
 
     root = Path(root)
     folder = step_dir(root, step)
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
+    if (rank == 0) if owner is None else owner:
         if folder.exists():  # left by a save that was interrupted: never mix old and new files
             shutil.rmtree(folder)
-        folder.mkdir()
-        (folder / "rng").mkdir()
     barrier()
+    (folder / "rng").mkdir(parents=True, exist_ok=True)  # every rank makes the folders it writes into
     # The universal-checkpoint marker lets ds_to_universal convert this folder for another dp size.
     client = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
     engine.save_checkpoint(str(folder), tag=DS_TAG, client_state=client, save_latest=False)
@@ -209,11 +208,12 @@ def prune(root: Path, keep: int) -> list[Path]:
     return removed
 
 
-def ensure_universal(folder: Path, *, rank: int, barrier) -> Path:
-    """Convert `folder`'s DeepSpeed checkpoint to the universal format once (rank 0); returns the
-    universal root to give `engine.load_checkpoint(root, tag=DS_TAG)` with load_universal enabled."""
+def ensure_universal(folder: Path, *, rank: int, barrier, owner: bool | None = None) -> Path:
+    """Convert `folder`'s DeepSpeed checkpoint to the universal format once (rank 0, or the `owner` of each
+    node-local folder); returns the universal root to give `engine.load_checkpoint(root, tag=DS_TAG)`
+    with load_universal enabled."""
     out = Path(folder) / UNIVERSAL
-    if rank == 0 and not is_complete(out):
+    if ((rank == 0) if owner is None else owner) and not is_complete(out):
         import argparse
 
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal

@@ -19,6 +19,7 @@ import os
 import sys
 
 from pipeline.config import RECIPES, ConfigError, RunConfig, get_recipe
+from pipeline.storage import StorageError
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         if rank == 0:
             print(f"pomvid train: error: {err}", file=sys.stderr)
+        return 2
+    except StorageError as err:  # this node's credentials, endpoint or network: said by every rank that has it
+        print(f"pomvid train: error (rank {rank}): {err}", file=sys.stderr)
         return 2
     from pipeline.train.trainer import NonFiniteLossError
 

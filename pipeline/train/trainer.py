@@ -31,6 +31,8 @@ from pipeline.train.distributed import DistInfo, all_reduce_sum, barrier
 from pipeline.train.faults import pause_point
 from pipeline.train.inputs import MicroBatch, prepare_micro_batch
 from pipeline.train.metrics import StepMeter
+from pipeline.train.mirror import prune_local_copies
+from pipeline.train.shared_folder import FolderSharing
 
 log = logging.getLogger("pomvid.train")
 
@@ -84,7 +86,7 @@ class Trainer:
 
     def __init__(self, *, config: RunConfig, layout: Layout, info: DistInfo, dims: ParallelDims, dataset, loader,
                  engine, ema, conditioning, tracker, validator, ds_config: dict, start_step: int, counters: dict,
-                 peak_flops: float | None):
+                 peak_flops: float | None, mirror=None, sharing=None):
         self.config, self.layout, self.info, self.dims = config, layout, info, dims
         self.dataset, self.loader, self.engine, self.ema = dataset, loader, engine, ema
         self.cond, self.tracker, self.validator, self.ds_config = conditioning, tracker, validator, ds_config
@@ -96,6 +98,8 @@ class Trainer:
         self.loss_factor = deepspeed_loss_factor(dims, "world")
         self.dtype = next(engine.module.parameters()).dtype
         self.meter = StepMeter(config.model, world_size=info.world_size, device=info.device, peak_flops=peak_flops)
+        self.mirror = mirror  # CheckpointMirror (train.checkpoint_mirror) or None
+        self.sharing = sharing or FolderSharing(shared=True, owner=info.is_main)
         self._saved_step = start_step if start_step else None
         self._validated_step = start_step if start_step else None  # a finished run resumed: nothing to redo
         self._latent_shape: tuple[int, ...] = ()
@@ -127,6 +131,7 @@ class Trainer:
             self._after_step(result, indices)
         if self._saved_step != self.step:
             self.save_checkpoint()
+        self.finish_mirror()
         if self.config.validation.every and self._validated_step != self.step:
             self.validate()
         return {"step": self.step, "nonfinite_total": self.nonfinite_total}
@@ -154,6 +159,7 @@ class Trainer:
             self._log_metrics(result)
         if self.nonfinite_in_row >= cfg.max_nonfinite_steps:
             folder = self.save_checkpoint()
+            self.finish_mirror()
             raise NonFiniteLossError(
                 f"{self.nonfinite_in_row} steps in a row (up to step {self.step}) had a non-finite loss; stopped "
                 f"with a checkpoint of the last good weights in {folder}. Check the data for NaN/inf latents, "
@@ -231,14 +237,24 @@ class Trainer:
             "world_size": self.info.world_size, "dp": self.dims.dp, "sp": self.dims.sp,
             "zero_stage": self.config.engine.zero_stage, "config": config_to_dict(self.config),
         }
+        self.finish_mirror()  # the previous upload first: local retention must not delete files in flight
         folder = ckpt.save(self.engine, self.ckpt_root, self.step, ema_state=ema_state if self.info.is_main else None,
-                           trainer_state=state, rank=self.info.rank, barrier=barrier)
+                           trainer_state=state, rank=self.info.rank, barrier=barrier, owner=self.sharing.owner)
         self._saved_step = self.step
+        if self.mirror is not None:
+            self.mirror.upload(folder, self.step)  # in the background
         if self.info.is_main:
             ckpt.prune(self.ckpt_root, self.config.train.keep_checkpoints)
             self.tracker.log_checkpoint(folder, step=self.step)
             log.info("checkpoint %s", folder)
+        elif self.sharing.owner:  # a node-local folder, never complete here: the mirror holds the checkpoint
+            prune_local_copies(self.ckpt_root, self.config.train.keep_checkpoints)
         return folder
+
+    def finish_mirror(self) -> None:
+        """Wait until this rank's last checkpoint upload is done (every rank; raises on every rank if one failed)."""
+        if self.mirror is not None:
+            self.mirror.wait()
 
     def validate(self) -> None:
         ema_state = self.ema.full_state_dict()  # collective under ZeRO-3

@@ -431,3 +431,7 @@ def _assert_trains_from_object_storage(args, where: str) -> None:
     mirrors = [o.split("=", 1)[1] for o in args.overrides if o.startswith("train.checkpoint_mirror=")]
     assert mirrors and mirrors[0].startswith("s3://"), f"{where}: no train.checkpoint_mirror=s3://..."
     assert args.resume == "auto", where
+    from pipeline.train.entry import config_from_args
+
+    # The field the manifests set exists and takes the value (an unknown field is a ConfigError).
+    assert config_from_args(args).train.checkpoint_mirror == mirrors[0], where
