@@ -101,7 +101,8 @@ class IndexAppender:
         if self._rows:
             table = pa.concat_tables(self._pending)
             folder = f"{self.base}/{INDEX_PARTS_DIR}"
-            self.fs.create_dir(folder, recursive=True)
+            if isinstance(self.fs, pafs.LocalFileSystem):  # object stores have no folders to make
+                self.fs.create_dir(folder, recursive=True)
             name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
             _write_table_atomic(self.fs, f"{folder}/{name}", table)
         self._pending, self._rows, self._last = [], 0, time.monotonic()
