@@ -54,6 +54,7 @@ def test_t5_shapes_masks_and_padding(t5):
     assert torch.all(emb[~mask] == 0) and torch.all(emb[mask].abs().sum(-1) > 0)
     # token_counts sees the length before the cut: what precompute counts as a long caption
     assert t5.token_counts(["a red square moves left", "", "a " * 40]) == [lengths[0], 1, 41]
+    assert t5.token_counts([]) == []  # a unit whose videos all failed has no caption
 
 
 def test_t5_is_deterministic_and_per_caption(t5):

@@ -66,6 +66,8 @@ class T5TextEncoder(TextEncoder):
         return emb, mask  # (B, L, D), (B, L)
 
     def token_counts(self, captions: list[str]) -> list[int]:
+        if not captions:  # the tokenizer fails on an empty list
+            return []
         ids = self.tokenizer(list(captions), truncation=False, verbose=False)["input_ids"]  # with </s>
         return [len(i) for i in ids]
 
