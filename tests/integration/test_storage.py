@@ -113,3 +113,28 @@ def test_preflight_wrong_credentials(tmp_path, monkeypatch):
         assert key["SecretAccessKey"] not in message
     finally:
         server.stop()
+
+
+def test_precompute_checks_its_storage_before_any_work(s3_env, tmp_path, capsys):
+    """`pomvid precompute` with a manifest or an output in a missing bucket: one clear error, exit 2,
+    nothing started (no Ray, nothing written), no secret printed."""
+    from pipeline.cli import main as pomvid
+
+    bucket = s3_env.create_bucket("precompute-preflight")
+    flags = ["--buckets", "9x32x32", "--vae", "pixel", "--text-encoder", "clip", "--text-encoder-path", str(tmp_path),
+             "--tracking", "off", "--no-progress"]
+    missing = "s3://pomvid-no-such-bucket-3f9a"
+    assert pomvid(["precompute", "--manifest", f"{missing}/videos.csv", "--out", f"s3://{bucket}/latents", *flags]) == 2
+    error = capsys.readouterr().err
+    assert f"{missing}: the bucket 'pomvid-no-such-bucket-3f9a' does not exist" in error, error
+    assert pomvid(["precompute", "--manifest", f"s3://{bucket}/videos.csv", "--out", f"{missing}/latents",
+                   *flags]) == 2
+    error = capsys.readouterr().err
+    assert "s3://" in error and "no such manifest" in error, error  # the manifest is checked first
+    s3_env.client().put_object(Bucket=bucket, Key="videos.csv", Body=b"video,caption\na.mp4,a cat\n")
+    assert pomvid(["precompute", "--manifest", f"s3://{bucket}/videos.csv", "--out", f"{missing}/latents",
+                   *flags]) == 2
+    error = capsys.readouterr().err
+    assert f"{missing}/latents: the bucket" in error and "does not exist" in error, error
+    assert s3_env.secret_access_key not in error
+    assert s3_env.list_keys(bucket) == ["videos.csv"]  # nothing written

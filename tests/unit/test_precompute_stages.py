@@ -174,7 +174,7 @@ def test_a_hanging_decode_is_recorded_as_timeout_and_the_unit_goes_on(test_video
 
 
 def test_local_output_on_a_multi_node_cluster_is_refused(tmp_path):
-    from pipeline.data.precompute.run import PrecomputeError, check_output_is_shared
+    from pipeline.data.precompute.checks import PrecomputeError, check_output_is_shared
 
     (tmp_path / "m.csv").write_text("video,caption\na.mp4,a\n")
     base = dict(manifest=str(tmp_path / "m.csv"), buckets=BUCKETS, vae="pixel", text_encoder="clip",

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 
 from pipeline import storage
 from pipeline.data.encode.fingerprint import NON_IDENTITY_FIELDS, fingerprint_diff
+from pipeline.data.precompute.checks import PrecomputeError, check_output_is_shared, preflight
 from pipeline.data.precompute.config import PrecomputeConfig
 from pipeline.data.precompute.stages import (
     TextStage,
@@ -44,12 +45,9 @@ from pipeline.data.store.shards import (
 )
 from pipeline.data.store.text_conditioning import from_bytes, write_text_conditioning
 
-__all__ = ["PrecomputeConfig", "PrecomputeError", "run_precompute", "format_summary"]
+__all__ = ["PrecomputeConfig", "PrecomputeError", "check_output_is_shared", "format_summary", "preflight",
+           "run_precompute"]
 SETTING_FIELDS = ("fps", "clips_per_video", "storage_dtype", "rows_per_work_unit")
-
-
-class PrecomputeError(RuntimeError):
-    """A run that cannot start: e.g. an output made with other encoders, buckets or settings."""
 
 
 def _init_ray(config: PrecomputeConfig) -> bool:
@@ -360,31 +358,6 @@ def format_plan(config: PrecomputeConfig, plan: Plan, seconds: float) -> str:
         f"  to do             {plan.pending}  ({plan.pending_rows} videos)",
         f"  planned in        {seconds:.1f} s (nothing decoded; encoders and settings are checked by the run)",
     ])
-
-
-def preflight(config: PrecomputeConfig) -> None:
-    """One clear error before any work when the manifest or the output on object storage cannot be
-    used (missing bucket, wrong credentials, unreachable endpoint); see pipeline/storage/preflight.py."""
-    if storage.is_remote(config.manifest):
-        storage.preflight(config.manifest.rsplit("/", 1)[0], write=False)
-        if not storage.exists(config.manifest):
-            raise PrecomputeError(f"{storage.redact(config.manifest)}: no such manifest object or prefix")
-    if storage.is_remote(config.output):
-        storage.preflight(config.output, write=not config.plan_only)
-
-
-def check_output_is_shared(config: PrecomputeConfig, nodes: list[dict]) -> None:
-    """Refuse a local output path on a cluster of several nodes: the write tasks run on every node,
-    each would put its shards on its own disk and no node would hold the whole output."""
-    alive = [n for n in nodes if n.get("Alive")]
-    if len(alive) > 1 and not storage.is_remote(config.output) and not config.output_is_shared:
-        hosts = sorted({n.get("NodeManagerAddress", "?") for n in alive})
-        raise PrecomputeError(
-            f"the output {config.output} is a local path, but the Ray cluster has {len(alive)} nodes "
-            f"({', '.join(hosts)}): each would write its shards to its own disk. Write to object storage "
-            "(--out s3://BUCKET/PREFIX, gs://, abfs://; credentials from AWS_* / AWS_ENDPOINT_URL) or to a shared "
-            "file system mounted at the same path on every node; if this path IS shared (NFS, Lustre, a shared "
-            "volume), pass --output-is-shared (output_is_shared=True).")
 
 
 def run_precompute(config: PrecomputeConfig) -> dict:
