@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -283,6 +284,46 @@ def test_sigkill_halfway_then_resume_as_ray_job_equals_uninterrupted_run(pixel_r
     assert sorted(read_errors(output), key=lambda e: e["id"]) == sorted(read_errors(reference), key=lambda e: e["id"])
     leftovers = [p.name for d in ("shards", "errors") for p in (output / d).rglob("*.tmp")]
     assert leftovers == []
+
+
+def _kill_one(pattern: str, killed: list, run: threading.Thread) -> None:
+    """SIGKILL the first of this test's Ray workers (descendants of this process, which started the
+    module's local Ray) whose process title names `pattern`: a worker running that stage now (Ray
+    titles a worker after the task it runs; idle ones are ray::IDLE). Gives up when `run` ends."""
+    me = psutil.Process()
+    while run.is_alive():
+        for proc in me.children(recursive=True):
+            try:
+                title = " ".join(proc.cmdline())
+            except psutil.Error:
+                continue
+            if pattern in title:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+                    killed.append((pattern, proc.pid))
+                    return
+        time.sleep(0.005)
+
+
+def test_killed_decode_worker_and_encoder_actor_are_redone_byte_for_byte(pixel_run, inputs, tmp_path):
+    """A decode task's process and the VAE actor's process are SIGKILLed mid-run (found by their Ray
+    process titles); Ray runs the task again and restarts the actor (task_retries / actor_restarts),
+    the run finishes by itself, and its shards equal the uninterrupted run's."""
+    reference, output = pixel_run[0], tmp_path / "latents"
+    killed, result = [], {}
+    run = threading.Thread(target=lambda: result.update(code=pomvid(["precompute", *pixel_args(inputs, output)])))
+    run.start()
+    try:
+        for pattern in ("decode_units", "MapBatches(VAEStage)"):
+            _kill_one(pattern, killed, run)  # one after the other: a decode task first, then the actor
+        done_at_kill = len(list((output / "shards").glob("*/*.parquet")))
+    finally:
+        run.join(timeout=600)
+    assert [p for p, _ in killed] == ["decode_units", "MapBatches(VAEStage)"], killed
+    assert done_at_kill < len(inputs["rows"])  # killed mid-run: units were still to go through the VAE
+    assert result.get("code") == 0
+    assert shard_bytes(output) == shard_bytes(reference)  # same ids, same latent and text bytes
+    assert read_index(output).num_rows == len(inputs["rows"])  # every unit once
 
 
 def test_two_node_cluster_s3_videos_to_s3_output_sigkill_and_resume(pixel_run, inputs, s3_server, tmp_path,

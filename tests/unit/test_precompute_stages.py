@@ -45,7 +45,8 @@ def test_config_errors_name_the_field(tmp_path):
                           ({"rows_per_work_unit": 0}, "rows_per_work_unit=0"),
                           ({"text_encoder": "t5", "text_encoder_path": None}, "needs text_encoder_path"),
                           ({"validation_prompts": str(tmp_path / "p.txt")}, "validation_prompts=.*one prompt per line"),
-                          ({"decode_timeout": 0}, "decode_timeout=0: give seconds > 0")]:
+                          ({"decode_timeout": 0}, "decode_timeout=0: give seconds > 0"),
+                          ({"actor_restarts": -1}, "actor_restarts=-1: must be an integer >= 0")]:
         with pytest.raises(ValueError, match=match):
             PrecomputeConfig(**{**ok, **change})
 

@@ -87,6 +87,11 @@ class PrecomputeConfig:
     """GPUs per text actor; None: the same as num_gpus_per_actor."""
     text_num_cpus: float = 1.0
     """CPUs each text actor reserves."""
+    task_retries: int = 3
+    """Times a decode or write task is run again when its worker process dies (a preempted node, an
+    out-of-memory kill); its unit is redone, never written twice."""
+    actor_restarts: int = 3
+    """Times an encoder actor is restarted when its process dies; the unit it held is redone."""
     write_num_cpus: float = 0.25
     """CPUs each shard-writing task reserves (writing is mostly I/O)."""
     validation_prompts: str | None = None
@@ -142,6 +147,10 @@ class PrecomputeConfig:
                 raise ValueError(f"PrecomputeConfig.{name}={value!r}: must be a number >= 0")
         if not (isinstance(self.decode_timeout, int | float) and self.decode_timeout > 0):
             raise ValueError(f"PrecomputeConfig.decode_timeout={self.decode_timeout!r}: give seconds > 0, e.g. 120")
+        for name in ("task_retries", "actor_restarts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"PrecomputeConfig.{name}={value!r}: must be an integer >= 0")
         if self.decode_num_cpus <= 0:
             raise ValueError(f"PrecomputeConfig.decode_num_cpus={self.decode_num_cpus!r}: must be > 0")
         if self.decode_backend not in DECODE_BACKENDS:

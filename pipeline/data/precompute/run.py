@@ -284,8 +284,11 @@ def _run_pipeline(config: PrecomputeConfig, plan: Plan, vae_fp: dict, text_fp: d
     # A decode task reserves the memory its unit's clips take. Besides guarding against OOM, this keeps
     # Ray Data from fusing the decode tasks into the VAE actors (it fuses ops with equal resources):
     # fused, the VAE would sit idle during every decode.
+    # Worker deaths (preemption, OOM kills): tasks run again, actors restart, both within the config's
+    # limits; a unit is written only by the write task that finishes, atomically, so never twice.
+    actor_limits = {"max_restarts": config.actor_restarts, "max_task_retries": config.actor_restarts}
     ds = ds.map_batches(decode_units, batch_size=1, batch_format="pyarrow", num_cpus=config.decode_num_cpus,
-                        compute=decode_compute, memory=decode_memory_bytes(config),
+                        compute=decode_compute, memory=decode_memory_bytes(config), max_retries=config.task_retries,
                         fn_kwargs={"buckets": str(config.bucket_table()), "fps": config.fps,
                                    "clips_per_video": config.clips_per_video, "backend": config.decode_backend,
                                    "source": config.manifest, "decode_timeout": config.decode_timeout})
@@ -293,17 +296,17 @@ def _run_pipeline(config: PrecomputeConfig, plan: Plan, vae_fp: dict, text_fp: d
     # on the current one; the model itself still runs one unit at a time.
     ds = ds.map_batches(VAEStage, batch_size=1, compute=ray.data.ActorPoolStrategy(
                             size=config.vae_concurrency, max_concurrent_calls_per_actor=2),
-                        num_cpus=config.vae_num_cpus, num_gpus=config.num_gpus_per_actor,
+                        num_cpus=config.vae_num_cpus, num_gpus=config.num_gpus_per_actor, **actor_limits,
                         fn_constructor_kwargs={"kind": config.vae, "build_kwargs": config.vae_build_kwargs(),
                                                "fingerprint": vae_fp, "batch_size": config.vae_batch_size,
                                                "num_cpus": config.vae_num_cpus})
     ds = ds.map_batches(TextStage, batch_size=1, compute=ray.data.ActorPoolStrategy(
                             size=config.text_concurrency, max_concurrent_calls_per_actor=2),
-                        num_cpus=config.text_num_cpus, num_gpus=config.text_gpus,
+                        num_cpus=config.text_num_cpus, num_gpus=config.text_gpus, **actor_limits,
                         fn_constructor_kwargs={"kind": config.text_encoder, "build_kwargs": config.text_build_kwargs(),
                                                "fingerprint": text_fp, "batch_size": config.text_batch_size,
                                                "num_cpus": config.text_num_cpus})
-    ds = ds.map_batches(write_units, batch_size=1, num_cpus=config.write_num_cpus,
+    ds = ds.map_batches(write_units, batch_size=1, num_cpus=config.write_num_cpus, max_retries=config.task_retries,
                         fn_kwargs={"output": config.output, "storage_dtype": config.storage_dtype,
                                    "bucket_keys": [b.name for b in config.bucket_table()]})
     interactive = sys.stderr.isatty()  # in a Ray job's log, redraw every 30 s rather than 10 times a second
