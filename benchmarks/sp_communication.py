@@ -92,7 +92,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, args: dict) -> None:
                 x = torch.randn(args["batch"], tokens // world, args["width"], requires_grad=True)
                 layer(x).square().mean().backward()
                 rows.append({"method": method, "tokens": tokens, "sp": world, "bytes": counter.bytes(),
-                             "wire": counter.bytes(wire=True), "calls": len(counter.records),
+                             "wire": counter.bytes(wire=True), "calls": counter.calls(),
                              "attention": "-" if method.startswith("PoM") else ("exact" if exact else "stand-in")})
         if rank == 0:
             Path(out_dir, "rows.json").write_text(json.dumps(rows))

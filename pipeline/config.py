@@ -133,6 +133,9 @@ class OptimConfig:
         _in_range("OptimConfig", "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
 
 
+GRAD_DTYPES = ("float32", "bfloat16")
+
+
 @dataclass(kw_only=True)
 class EngineConfig:
     """DeepSpeed: ZeRO stage, offload, precision; the JSON is built in pipeline/train/deepspeed_config.py."""
@@ -149,11 +152,19 @@ class EngineConfig:
     activation_checkpointing: bool = False
     """Recompute each DiT block in backward instead of keeping its activations."""
 
+    grad_dtype: str = "float32"
+    """Dtype gradients are reduced across ranks and accumulated over micro-batches in ("float32" or
+    "bfloat16"): DeepSpeed's `communication_data_type` and `data_types.grad_accum_dtype`. float32 costs
+    twice the bytes of the gradient reduction of a bf16 run but no rounding in the sum of 16 micro-batches
+    x 64 ranks; fp32 runs always use float32."""
+
     def __post_init__(self):
         if self.zero_stage not in (1, 2, 3) or isinstance(self.zero_stage, bool):
             raise ConfigError(f"EngineConfig.zero_stage={self.zero_stage!r} must be 1, 2 or 3")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"EngineConfig.precision={self.precision!r} is unknown; use one of {PRECISIONS}")
+        if self.grad_dtype not in GRAD_DTYPES:
+            raise ConfigError(f"EngineConfig.grad_dtype={self.grad_dtype!r} is unknown; use one of {GRAD_DTYPES}")
         for name in ("offload_optimizer", "activation_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"EngineConfig.{name}={getattr(self, name)!r} must be true or false")
@@ -180,6 +191,11 @@ class FlowConfig:
 
     loss_on_clean_frames: bool = False
     """Count token-frames at t = 0 (clean prefix) in the loss; False leaves them out."""
+
+    causal_per_sample_timesteps: bool = False
+    """Allow a block-causal model (model.causal=true) to train with one timestep per video. Off by default:
+    frame-sequential sampling denoises a frame next to clean earlier frames, which such a model never saw
+    in training; per_frame_timesteps=true (diffusion forcing) trains exactly that case."""
 
     def __post_init__(self):
         if not self.logit_std > 0:
@@ -233,6 +249,11 @@ class TrainConfig:
 
     peak_tflops: float = 0.0
     """Peak TFLOP/s of one accelerator for MFU; 0: measure a bf16 matmul at start (GPU only)."""
+
+    init_from: str = ""
+    """Start from these weights instead of a random init: a run / checkpoint folder (its EMA, else its
+    model weights), an export folder or a .safetensors file (pipeline/train/init_from.py). Other frames or
+    resolution are fine; other tensor shapes are an error. Ignored when the run resumes. "": random init."""
 
     def __post_init__(self):
         _positive_int("TrainConfig", "steps", self.steps)
@@ -372,6 +393,15 @@ class RunConfig:
         if self.train.stop_at > self.train.steps:
             raise ConfigError(f"TrainConfig.stop_at={self.train.stop_at} is past steps={self.train.steps}")
 
+    def check_training(self) -> None:
+        """Checks across sections that only training needs (after every --set, so their order does not matter)."""
+        if self.model.causal and not (self.flow.per_frame_timesteps or self.flow.causal_per_sample_timesteps):
+            raise ConfigError(
+                "model.causal=true trains a frame-sequential model, which samples each frame next to clean earlier "
+                "frames: set flow.per_frame_timesteps=true (one timestep per latent frame, diffusion forcing; "
+                "flow.clean_prefix_prob adds clean prefixes), or flow.causal_per_sample_timesteps=true to train "
+                "with one timestep per video anyway")
+
     def layout(self, world_size: int) -> Layout:
         """dp, sp and gradient accumulation for `world_size` processes; ConfigError if they do not fit."""
         sp = self.parallel.sp
@@ -429,17 +459,20 @@ def _gpu_recipe(name: str, size: str, *, micro: int, checkpointing: bool) -> Run
 
 
 def S() -> RunConfig:  # noqa: N802 (recipe names follow the model sizes)
-    """PoM DiT-S (33M) on GPUs: bf16, ZeRO-2, global batch 256."""
+    """PoM DiT-S (75M parameters with its 16-channel latents and 4096-wide captions) on GPUs: bf16, ZeRO-2,
+    global batch 256."""
     return _gpu_recipe("S", "S", micro=16, checkpointing=False)
 
 
 def B() -> RunConfig:  # noqa: N802
-    """PoM DiT-B (130M) on GPUs: bf16, ZeRO-2, global batch 256."""
+    """PoM DiT-B (296M parameters with its 16-channel latents and 4096-wide captions) on GPUs: bf16, ZeRO-2,
+    global batch 256."""
     return _gpu_recipe("B", "B", micro=8, checkpointing=False)
 
 
 def XL() -> RunConfig:  # noqa: N802
-    """PoM DiT-XL (675M) on GPUs: bf16, ZeRO-2, activation checkpointing, global batch 256."""
+    """PoM DiT-XL (1535M parameters with its 16-channel latents and 4096-wide captions) on GPUs: bf16, ZeRO-2,
+    activation checkpointing, global batch 256."""
     return _gpu_recipe("XL", "XL", micro=4, checkpointing=True)
 
 

@@ -30,6 +30,7 @@ from pipeline.train import checkpoint as ckpt
 
 RUN_MANIFEST = "latents_manifest.json"
 SOLVERS = ("euler", "heun")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CSV_COLUMNS = ("index", "prompt", "seed", "mp4", "gif", "frames", "height", "width", "steps", "guidance",
                "shift", "solver", "sequential", "checkpoint", "seconds")
 
@@ -200,12 +201,22 @@ class VideoGenerator:
                                                                      device=emb.device)
 
     @classmethod
-    def load(cls, checkpoint: str | Path, *, device: str | torch.device | None = None) -> VideoGenerator:
-        """A run folder, its checkpoints/ folder, one step folder, or an export folder (pipeline/export.py)."""
+    def load(cls, checkpoint: str | Path, *, device: str | torch.device | None = None,
+             dtype: str = "float32") -> VideoGenerator:
+        """A run folder, its checkpoints/ folder, one step folder, or an export folder (pipeline/export.py).
+        `dtype`: the model's while sampling, "float32" or "bfloat16" (the GPU recipes' training dtype, half
+        the weights' memory; the VAE decodes in float32 either way)."""
         from pipeline.export import is_export
 
-        if is_export(checkpoint):
-            return cls._load_export(checkpoint, device=device)
+        if dtype not in DTYPES:
+            raise SampleError(f"dtype={dtype!r} is unknown; use one of {tuple(DTYPES)}")
+        generator = cls._load_export(checkpoint, device=device) if is_export(checkpoint) else cls._load_run(
+            checkpoint, device=device)
+        generator.model.to(DTYPES[dtype])
+        return generator
+
+    @classmethod
+    def _load_run(cls, checkpoint: str | Path, *, device) -> VideoGenerator:
         folder = resolve_checkpoint(checkpoint)
         state = ckpt.read_state(folder)
         manifest, manifest_path = find_manifest(folder, state)
@@ -291,30 +302,48 @@ class VideoGenerator:
         return shape
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], options: SampleOptions) -> list[GeneratedVideo]:
-        """One video per prompt; prompt i starts from the noise of seed options.seed + i."""
+    def generate(self, prompts: list[str], options: SampleOptions, *, dims=None) -> list[GeneratedVideo]:
+        """One video per prompt; prompt i starts from the noise of seed options.seed + i.
+
+        `dims` (a ParallelDims with dp=1, every rank calling): sample each video across its SP group with
+        the frames sharded (pipeline/parallel/sampling.py; a block-causal model frame by frame, the PoM
+        caches handed from rank to rank, with or without `sequential`); rank 0 decodes and gets the
+        videos, the other ranks an empty list."""
         from pipeline.models.sampler import SamplerConfig, initial_noise, sample, sample_sequential
+        from pipeline.parallel.parallelize import comm_counter, parallelize_pom_dit
+        from pipeline.parallel.sampling import sample_sequence_parallel
 
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise SampleError(f"prompts={prompts!r:.120}: give a list of non-empty captions")
         if options.sequential and not self.model.config.causal:
             raise SampleError(f"--sequential needs a block-causal model (model.causal=true), and the model of "
                               f"{self.checkpoint} is bidirectional; sample it without --sequential")
+        sharded = dims is not None and dims.sp > 1
+        dtype = next(self.model.parameters()).dtype  # VideoGenerator.load's dtype
+        if sharded and comm_counter(self.model) is None:
+            parallelize_pom_dit(self.model, dims)
         shape = self.latent_shape(options)
         sampler = SamplerConfig(steps=options.steps, guidance=options.guidance, shift=options.shift,
                                 solver=options.solver)
         guided = options.guidance != 1.0
-        null = dict(null_text=self.null_text, null_mask=self.null_mask) if guided else {}
+        null = dict(null_text=self.null_text.to(dtype), null_mask=self.null_mask) if guided else {}
         out: list[GeneratedVideo] = []
         for first in range(0, len(prompts), options.batch_size):
             batch = prompts[first:first + options.batch_size]
             start = time.perf_counter()
             text, mask = self.text_encoder.encode(batch)  # (B, L, D), (B, L)
             noise = torch.cat([initial_noise((1, *shape), options.seed + first + i, device=self.device)
-                               for i in range(len(batch))])  # (B, C, T, H, W)
-            run = sample_sequential if options.sequential else sample
-            latents = run(self.model, noise, text.to(self.device), mask.to(self.device), config=sampler, **null)
-            videos = self.vae.decode(latents).float().clamp(-1, 1).cpu()  # (B, 3, T, H, W)
+                               for i in range(len(batch))]).to(dtype)  # (B, C, T, H, W)
+            text = text.to(dtype)
+            if sharded:
+                latents = sample_sequence_parallel(self.model, noise, text.to(self.device), mask.to(self.device),
+                                                   dims=dims, config=sampler, **null)
+                if dims.rank != 0:
+                    continue  # the same latents on every rank: rank 0 decodes
+            else:
+                run = sample_sequential if options.sequential else sample
+                latents = run(self.model, noise, text.to(self.device), mask.to(self.device), config=sampler, **null)
+            videos = self.vae.decode(latents.float()).float().clamp(-1, 1).cpu()  # (B, 3, T, H, W)
             seconds = (time.perf_counter() - start) / len(batch)
             for i, prompt in enumerate(batch):
                 out.append(GeneratedVideo(prompt=prompt, seed=options.seed + first + i, video=videos[i],

@@ -96,9 +96,9 @@ def output_of(result: subprocess.CompletedProcess) -> str:
 
 
 def write_latents(root: Path, *, count: int = 16, shards: int = 2, seed: int = 0,
-                  nan_samples: tuple[int, ...] = ()) -> Path:
-    """A finished latent data set of `count` random samples in one bucket; samples in `nan_samples`
-    hold a NaN (a corrupt latent, for the non-finite tests)."""
+                  nan_samples: tuple[int, ...] = (), shape: tuple[int, int, int, int] = LATENT_SHAPE) -> Path:
+    """A finished latent data set of `count` random samples of `shape` (C, T, H, W) in one bucket; samples
+    in `nan_samples` hold a NaN (a corrupt latent, for the non-finite tests)."""
     from pipeline.data.store.index import finish_manifest
     from pipeline.data.store.shards import ShardRow, shard_path, shard_table, write_shard
 
@@ -108,7 +108,7 @@ def write_latents(root: Path, *, count: int = 16, shards: int = 2, seed: int = 0
     for s in range(shards):
         rows = []
         for _ in range(per_shard):
-            latent = rng.standard_normal(LATENT_SHAPE).astype(np.float32)
+            latent = rng.standard_normal(shape).astype(np.float32)
             if n in nan_samples:
                 latent[0, 0, 0, 0] = np.nan
             rows.append(ShardRow(id=f"clip-{n}", caption=f"a test clip number {n}", latent=latent,
@@ -120,7 +120,7 @@ def write_latents(root: Path, *, count: int = 16, shards: int = 2, seed: int = 0
         meta = {"unit_id": unit_id, "videos": per_shard, "buckets": {BUCKET: per_shard}, "failures": {}}
         write_shard(shard_path(root, unit_id), shard_table(rows, storage_dtype="float32", metadata=meta))
         unit_ids.append(unit_id)
-    finish_manifest(root, {"buckets": [{"key": BUCKET, "latent_shape": list(LATENT_SHAPE)}]}, unit_ids)
+    finish_manifest(root, {"buckets": [{"key": BUCKET, "latent_shape": list(shape)}]}, unit_ids)
     return root
 
 

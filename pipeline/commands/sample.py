@@ -3,21 +3,42 @@
     pomvid sample --checkpoint runs/demo --prompt "a red square moving up" --out samples/
     pomvid sample --checkpoint runs/x/checkpoints/step_00003000 --prompts-file prompts.txt --seed 7 --out s/
     pomvid sample --checkpoint runs/causal --prompt "..." --sequential --frames 32 --out long/
+    pomvid sample --checkpoint runs/XL --prompt "..." --frames 241 --sp 4 --out long/   # 4 GPUs share a video
 
 --checkpoint takes a run folder (the newest complete checkpoint), its checkpoints/ folder, one
 step folder or an export folder (pomvid export). The VAE and text encoder are rebuilt from the
 latents' manifest the run recorded. Prompt i uses seed + i. Writes <out>/<index>_<prompt>_seed<seed>.mp4 and .gif, and <out>/samples.csv.
+--sp N starts the `deepspeed` launcher with N processes (jobs/sample.py) that sample each video together
+with sequence parallelism (its frames sharded as in training, pipeline/parallel/sampling.py): the same
+videos as --sp 1, for videos one device cannot hold. Rank 0 decodes and writes them.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+JOBS_SAMPLE = Path(__file__).resolve().parents[2] / "jobs" / "sample.py"
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("sample", help="generate videos from a trained checkpoint (MP4 + GIF)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sample_args(parser)
+    parser.set_defaults(func=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of `pomvid sample` on their own (jobs/sample.py under the launcher)."""
+    parser = argparse.ArgumentParser(prog="jobs/sample.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sample_args(parser)
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    return parser
+
+
+def add_sample_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="run, checkpoints/, step or export folder")
     parser.add_argument("--prompt", action="append", default=[], help="a caption (repeatable)")
     parser.add_argument("--prompts-file", default=None, help="a text file with one caption per line")
@@ -38,12 +59,61 @@ def register(subparsers) -> None:
                         help="pixel-repeat factor of the written videos (default: a viewing size)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to sample (default: cuda when available, else cpu)")
-    parser.set_defaults(func=run)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the model's dtype while sampling (bfloat16: the GPU recipes' training dtype)")
+    parser.add_argument("--sp", type=int, default=1,
+                        help="processes that sample each video together (sequence parallelism; default: 1)")
+    parser.add_argument("--master-port", "--master_port", dest="master_port", type=int, default=None,
+                        help="the launcher's rendezvous port with --sp > 1 (default: DeepSpeed's)")
+
+
+def _launch(args: argparse.Namespace, argv: list[str]) -> int:
+    """`deepspeed --num_gpus SP jobs/sample.py ARGS` (this command, once per rank)."""
+    import subprocess
+
+    from pipeline.launch import deepspeed_command, launcher_env
+
+    launcher = argparse.Namespace(num_gpus=args.sp, num_nodes=None, hostfile=None, master_port=args.master_port)
+    return subprocess.call(deepspeed_command(launcher, JOBS_SAMPLE, "pipeline.commands.sample") + argv,
+                           env=launcher_env())
+
+
+def forwarded_args(args: argparse.Namespace) -> list[str]:
+    """The options of `args` again, for the processes the launcher starts."""
+    out = ["--checkpoint", args.checkpoint, "--out", args.out, "--steps", str(args.steps), "--cfg", str(args.cfg),
+           "--shift", str(args.shift), "--solver", args.solver, "--seed", str(args.seed),
+           "--batch-size", str(args.batch_size), "--device", args.device, "--sp", str(args.sp),
+           "--dtype", args.dtype]
+    for prompt in args.prompt:
+        out += ["--prompt", prompt]
+    for flag, value in (("--prompts-file", args.prompts_file), ("--frames", args.frames), ("--height", args.height),
+                        ("--width", args.width), ("--fps", args.fps), ("--scale", args.scale)):
+        if value is not None:
+            out += [flag, str(value)]
+    return out + (["--sequential"] if args.sequential else [])
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from pipeline.generate import SampleError, SampleOptions, VideoGenerator, read_prompts, write_samples
 
+    if args.sp < 1:
+        print(f"pomvid sample: error: --sp {args.sp} must be at least 1", file=sys.stderr)
+        return 2
+    if args.sp > 1 and "RANK" not in os.environ:
+        return _launch(args, forwarded_args(args))
+    dims, device = None, args.device
+    if args.sp > 1:  # one of the launcher's processes
+        from pipeline.parallel.dims import ParallelDims
+        from pipeline.train.distributed import init_distributed
+
+        info = init_distributed()
+        if info.world_size != args.sp:
+            print(f"pomvid sample: error: --sp {args.sp} but the launcher started {info.world_size} processes",
+                  file=sys.stderr)
+            return 2
+        dims, device = ParallelDims(dp=1, sp=args.sp), info.device
     try:
         prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
         if not prompts:
@@ -55,12 +125,15 @@ def run(args: argparse.Namespace) -> int:
         options = SampleOptions(frames=args.frames, height=args.height, width=args.width, steps=args.steps,
                                 guidance=args.cfg, shift=args.shift, solver=args.solver, seed=args.seed,
                                 sequential=args.sequential, batch_size=args.batch_size)
-        generator = VideoGenerator.load(args.checkpoint, device=args.device)
+        generator = VideoGenerator.load(args.checkpoint, device=device, dtype=args.dtype)
         generator.latent_shape(options)  # a size the model cannot make fails before any work
-        videos = generator.generate(prompts, options)
+        videos = generator.generate(prompts, options, dims=dims)
     except SampleError as err:
-        print(f"pomvid sample: error: {err}", file=sys.stderr)
+        if dims is None or dims.rank == 0:
+            print(f"pomvid sample: error: {err}", file=sys.stderr)
         return 2
+    if dims is not None and dims.rank != 0:
+        return 0  # rank 0 writes the videos
     rows = write_samples(videos, args.out, fps=args.fps or generator.fps, scale=args.scale,
                          checkpoint=generator.checkpoint)
     print(f"sampled {len(rows)} video(s) from {generator.checkpoint} (step {generator.step}) on {generator.device}:")
@@ -68,3 +141,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {row['mp4']}  ({row['prompt']!r}, seed {row['seed']}, {row['seconds']:.2f} s)")
     print(f"  previews (GIF) beside them; list: {args.out}/samples.csv")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """jobs/sample.py: one process of `pomvid sample --sp N` under the launcher."""
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,6 +17,7 @@ valid tokens. The model knows nothing of process groups: sequence parallelism sw
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
@@ -110,7 +111,10 @@ class FinalLayer(nn.Module):
 class PoMDiT(nn.Module):
     """Text-to-video diffusion transformer with PoM mixers; predicts the flow velocity."""
 
-    def __init__(self, config: DiTConfig):
+    def __init__(self, config: DiTConfig, *, gather: Callable[[nn.Module], AbstractContextManager] | None = None):
+        """`gather(module)`: a context in which `module`'s own parameters are whole and writable, for
+        construction under ZeRO-3's `deepspeed.zero.Init` (parameters are partitioned as soon as each
+        submodule is built); None when they are ordinary tensors."""
         super().__init__()
         self.config = config
         d = config.width
@@ -120,23 +124,24 @@ class PoMDiT(nn.Module):
         self.blocks = nn.ModuleList(PoMBlock(config) for _ in range(config.depth))
         self.final = FinalLayer(config)
         self.activation_checkpointing = False
-        self._init_weights()
+        self._init_weights(gather or (lambda module: nullcontext()))
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, gather: Callable[[nn.Module], AbstractContextManager]) -> None:
         # DiT's recipe: xavier linears, small timestep MLP, zero AdaLN and output (identity blocks,
-        # zero output). PoM v2's polynomial coefficients keep their own init.
+        # zero output). PoM v2's polynomial coefficients keep their own init. One module at a time inside
+        # `gather`, in a fixed order: the random draws are the same with and without ZeRO-3.
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                with gather(module):
+                    nn.init.xavier_uniform_(module.weight)
+                    nn.init.zeros_(module.bias)
         for layer in (self.time_embed.mlp[0], self.time_embed.mlp[2]):
-            nn.init.normal_(layer.weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.modulation[1].weight)
-            nn.init.zeros_(block.modulation[1].bias)
-        for layer in (self.final.modulation[1], self.final.proj):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+            with gather(layer):
+                nn.init.normal_(layer.weight, std=0.02)
+        for layer in [block.modulation[1] for block in self.blocks] + [self.final.modulation[1], self.final.proj]:
+            with gather(layer):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each block in backward instead of keeping its activations."""

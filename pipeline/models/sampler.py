@@ -169,24 +169,39 @@ def sample_sequential(model, noise: torch.Tensor, text: torch.Tensor, text_mask:
     Same arguments and result as `sample`; on_frame(f, latent_frame) is called as each token-frame
     is finished (e.g. to decode and stream it), so a caller can also drop the returned frames.
     """
+    latents, _ = sample_sequential_from(model, noise, text, text_mask, config=config, null_text=null_text,
+                                        null_mask=null_mask, on_frame=on_frame)
+    return latents
+
+
+@torch.no_grad()
+def sample_sequential_from(model, noise: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, *,
+                           config: SamplerConfig, null_text: torch.Tensor | None = None,
+                           null_mask: torch.Tensor | None = None, first_frame: int = 0, cache: list | None = None,
+                           on_frame: Callable[[int, torch.Tensor], None] | None = None) -> tuple[torch.Tensor, list]:
+    """`sample_sequential` continuing a video: `noise` holds token-frames first_frame.. of it, `cache` the
+    per-layer states of the frames before (None at the start; batch doubled when guided). Returns the
+    latents and the caches including the new frames (sequence-parallel sampling hands them to the next
+    rank, pipeline/parallel/sampling.py)."""
     if not model.config.causal:
         raise ValueError("sample_sequential needs a block-causal model (DiTConfig.causal=True)")
     guided = _Guided(text, text_mask, null_text, null_mask, config.guidance)
     schedule = timestep_schedule(config.steps, config.shift, device=noise.device, dtype=noise.dtype)
     pt, frames = model.config.patch_t, _token_frames(noise, model.config.patch_t)
-    cache, done = None, []
-    for f in range(frames):
+    done = []
+    for i in range(frames):
+        f = first_frame + i
 
         def velocity(x, t, cache=cache, f=f):
             xb = guided.batch(x)
             v, _ = model.forward_frame(xb, t.expand(xb.shape[0]), guided.text, guided.mask, f, cache)
             return guided.combine(v)
 
-        frame = integrate(velocity, noise[:, :, f * pt:(f + 1) * pt], schedule, config.solver)
+        frame = integrate(velocity, noise[:, :, i * pt:(i + 1) * pt], schedule, config.solver)
         clean = guided.batch(frame)
         zeros = torch.zeros(clean.shape[0], dtype=frame.dtype, device=frame.device)
         _, cache = model.forward_frame(clean, zeros, guided.text, guided.mask, f, cache)  # t = 0 state
         if on_frame is not None:
             on_frame(f, frame)
         done.append(frame)
-    return torch.cat(done, dim=2)
+    return torch.cat(done, dim=2), cache

@@ -1,8 +1,8 @@
 """Autograd-aware collectives for sequence parallelism, and the counter of the bytes they move.
 
 Every collective issued by our sequence parallelism goes through this file and is recorded in a
-`CommCounter` (when one is given), per layer, per step and per direction, so that "the communication
-of PoM-SP is constant in the number of tokens" is a measurement.
+`CommCounter` (when one is given), per layer, per step and per direction (aggregated, in constant
+memory), so that "the communication of PoM-SP is constant in the number of tokens" is a measurement.
 
 What a record counts: `payload_bytes` is the size of the tensor this rank contributes to the
 collective (the all-reduce buffer, the all-gather input, the all-to-all input, the tensor sent). This
@@ -45,6 +45,10 @@ class CommRecord:
     group_size: int
     """Number of ranks in the collective's group."""
 
+    calls: int = 1
+    """Collectives aggregated in this record (same step, layer, direction, op and group size);
+    `payload_bytes` is their sum."""
+
     @property
     def wire_bytes(self) -> float:
         """Estimate of the bytes this rank sends with the standard algorithm of `op`."""
@@ -54,24 +58,67 @@ class CommRecord:
 
 
 class CommCounter:
-    """Records every collective of sequence parallelism; call `next_step()` after each step."""
+    """Counts the collectives of sequence parallelism in constant memory; call `next_step()` after each step.
 
-    def __init__(self):
-        self.records: list[CommRecord] = []
+    Calls are aggregated per (step, layer, direction, op, group size): one record per layer, direction and
+    op of a step, whatever the number of micro-batches. Only the last `keep_steps` steps are kept per step
+    (for tests and benchmarks); the totals since the last `take_window()` (the trainer's logging
+    interval) are kept per layer, direction and op. A run of any length holds at most
+    (keep_steps + 1) x layers x directions x ops aggregates.
+    """
+
+    def __init__(self, *, keep_steps: int = 8):
+        if keep_steps < 1:
+            raise ValueError(f"keep_steps={keep_steps} must be >= 1")
+        self.keep_steps = keep_steps
         self.step = 0
+        self._steps: dict[int, dict[tuple, list[int]]] = {}  # step -> key -> [payload bytes, calls]
+        self._window: dict[tuple, list[int]] = {}  # (layer, direction, op, group size) -> [bytes, calls]
+        self._window_steps = 0
 
     def record(self, *, layer: str, direction: str, op: str, tensor: torch.Tensor, group_size: int) -> None:
         nbytes = tensor.numel() * tensor.element_size()
-        self.records.append(CommRecord(step=self.step, layer=layer, direction=direction, op=op,
-                                       payload_bytes=nbytes, group_size=group_size))
+        key = (layer, direction, op, group_size)
+        for table in (self._steps.setdefault(self.step, {}), self._window):
+            total = table.setdefault(key, [0, 0])
+            total[0] += nbytes
+            total[1] += 1
 
     def next_step(self) -> None:
         """Start counting the next step (call once per training step, after backward)."""
         self.step += 1
+        self._window_steps += 1
+        while len(self._steps) > self.keep_steps:
+            del self._steps[min(self._steps)]
 
     def reset(self) -> None:
-        self.records.clear()
+        self._steps.clear()
+        self._window.clear()
+        self._window_steps = 0
         self.step = 0
+
+    def take_window(self) -> dict[str, float]:
+        """Totals since the previous call: {"forward": bytes, "backward": bytes, "calls": n, "steps": n}
+        (payload bytes, see the module docstring); starts a new window."""
+        out = {FORWARD: 0, BACKWARD: 0, "calls": 0, "steps": self._window_steps}
+        for (_, direction, _, _), (nbytes, calls) in self._window.items():
+            out[direction] += nbytes
+            out["calls"] += calls
+        self._window.clear()
+        self._window_steps = 0
+        return out
+
+    def size(self) -> int:
+        """Aggregates held (what the memory of the counter grows with)."""
+        return sum(len(table) for table in self._steps.values()) + len(self._window)
+
+    @property
+    def records(self) -> list[CommRecord]:
+        """The kept steps' aggregates, oldest step first, in the order they were first seen."""
+        return [CommRecord(step=step, layer=layer, direction=direction, op=op, payload_bytes=nbytes,
+                           group_size=size, calls=calls)
+                for step, table in sorted(self._steps.items())
+                for (layer, direction, op, size), (nbytes, calls) in table.items()]
 
     def select(self, *, step: int | None = None, layer: str | None = None,
                direction: str | None = None, op: str | None = None) -> list[CommRecord]:
@@ -85,12 +132,17 @@ class CommCounter:
         chosen = self.select(step=step, layer=layer, direction=direction, op=op)
         return sum(r.wire_bytes if wire else r.payload_bytes for r in chosen)
 
+    def calls(self, *, step: int | None = None, layer: str | None = None, direction: str | None = None,
+              op: str | None = None) -> int:
+        """Number of collectives of the matching records."""
+        return sum(r.calls for r in self.select(step=step, layer=layer, direction=direction, op=op))
+
     def per_layer(self, step: int | None = None) -> dict[str, dict[str, int]]:
-        """{layer: {"forward": bytes, "backward": bytes, "calls": n}} for one step (or all steps)."""
+        """{layer: {"forward": bytes, "backward": bytes, "calls": n}} for one kept step (or all kept steps)."""
         table: dict[str, dict[str, int]] = defaultdict(lambda: {FORWARD: 0, BACKWARD: 0, "calls": 0})
         for r in self.select(step=step):
             table[r.layer][r.direction] += r.payload_bytes
-            table[r.layer]["calls"] += 1
+            table[r.layer]["calls"] += r.calls
         return dict(table)
 
 

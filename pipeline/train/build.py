@@ -5,8 +5,9 @@
     3. latent data set, model dims        (the data set's channels / text width win with infer_data_dims)
     4. which checkpoint to resume from    (none / auto / a folder; another world size -> universal);
        every rank sees one output folder, or checkpoints are mirrored (shared_folder.py, mirror.py)
-    5. model, sequence parallelism        (seeded init; parallelize_pom_dit)
-    6. DeepSpeed config and engine        (ours, a user's JSON merged over it, our LR schedule)
+    5. DeepSpeed config                   (ours, a user's JSON merged over it)
+    6. model, sequence parallelism, engine (seeded init, under deepspeed.zero.Init for ZeRO-3: no rank
+                                          ever holds the whole model; parallelize_pom_dit; our LR schedule)
     7. EMA, text conditioning, resume state, MLflow run
 """
 
@@ -56,13 +57,31 @@ def resolve_resume(resume: str, ckpt_root: Path) -> Path | None:
     return folder
 
 
+def build_model(config: RunConfig, ds_config: dict):
+    """The PoM DiT of `config`. Under ZeRO-3 it is built inside `deepspeed.zero.Init`: each submodule's
+    parameters are partitioned over the ranks as soon as it is built, and the DiT's weight init runs one
+    module at a time on gathered parameters (same random draws, so the same weights as without ZeRO-3)."""
+    import deepspeed
+
+    from pipeline.models.dit import PoMDiT
+
+    if int(ds_config.get("zero_optimization", {}).get("stage", 0)) != 3:
+        return PoMDiT(config.model)
+
+    def gather(module: torch.nn.Module):
+        own = list(module.parameters(recurse=False))
+        return deepspeed.zero.GatheredParameters(own, modifier_rank=0)
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        return PoMDiT(config.model, gather=gather)
+
+
 def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_config: dict | None = None,
                   tracking: dict | None = None):
     """A ready-to-train `Trainer` (every process calls this)."""
     import deepspeed
 
     from pipeline.data.load.loader import LatentDataset, LatentLoader
-    from pipeline.models.dit import PoMDiT
     from pipeline.parallel.dims import ParallelDims
     from pipeline.parallel.parallelize import parallelize_pom_dit
     from pipeline.tracking import start_run
@@ -75,12 +94,14 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
         reapply_schedule,
     )
     from pipeline.train.ema import ShardedEMA
+    from pipeline.train.init_from import load_init_weights
     from pipeline.train.metrics import measure_matmul_peak
     from pipeline.train.trainer import Trainer, check_buckets, fit_data_dims
     from pipeline.train.validation import Validator
 
     # 1-2. processes, layout. What can be checked from files and the launcher's WORLD_SIZE is checked
     # first, so a bad config fails before the slow start of DeepSpeed.
+    config.check_training()
     config.layout(int(os.environ.get("WORLD_SIZE", "1")))
     if not config.data.path:
         raise ConfigError("data.path is empty: pass --data FOLDER (a `pomvid precompute` output)")
@@ -124,12 +145,7 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
     # 4. resume
     saved = ckpt.read_state(resume_dir) if resume_dir is not None else None
     universal = saved is not None and saved["world_size"] != info.world_size
-    # 5. model
-    torch.manual_seed(config.train.seed)
-    model = PoMDiT(config.model)
-    model.set_activation_checkpointing(config.engine.activation_checkpointing)
-    parallelize_pom_dit(model, dims)
-    # 6. DeepSpeed
+    # 5. DeepSpeed config (the model build under ZeRO-3 needs it)
     ds_config = build_deepspeed_config(config, layout, device_type=info.device.type)
     if user_deepspeed_config:
         check_batch_keys(user_deepspeed_config, layout)
@@ -138,11 +154,20 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
     if universal:
         load_dir = ckpt.ensure_universal(resume_dir, rank=info.rank, barrier=barrier, owner=sharing.owner)
         ds_config = deep_merge(ds_config, {"checkpoint": {"load_universal": True}})
+    # 6. model, sequence parallelism, engine
+    torch.manual_seed(config.train.seed)
+    model = build_model(config, ds_config)
+    if config.train.init_from and saved is None:
+        source = load_init_weights(model, config.train.init_from)
+        if info.is_main:
+            log.info("initial weights: %s", source)
+    model.set_activation_checkpointing(config.engine.activation_checkpointing)
+    parallelize_pom_dit(model, dims)
     scheduler = None if "scheduler" in ds_config else lr_scheduler_factory(config)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config,
                                            lr_scheduler=scheduler)
     # 7. EMA, conditioning, resume, tracking
-    ema = ShardedEMA(engine.module, config.train.ema_decay)
+    ema = ShardedEMA(engine.module, config.train.ema_decay, device=info.device)
     conditioning = load_or_compute(config, dataset, output_dir=output_dir, is_main=info.is_main, device=info.device)
     start_step, counters, run_id = 0, {}, None
     if saved is not None:
@@ -174,8 +199,10 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
     peak = None
     if info.device.type == "cuda":
         peak = config.train.peak_tflops * 1e12 if config.train.peak_tflops else measure_matmul_peak(info.device)
+    # The first SP group (ranks 0..sp-1) samples validation videos together, in the training dtype.
     validator = Validator(config, config.model, conditioning, manifest=dataset.manifest, output_dir=output_dir,
-                          device=info.device) if info.is_main else None
+                          device=info.device, dims=dims, dtype=next(engine.module.parameters()).dtype
+                          ) if dims.dp_rank == 0 else None
     barrier()
     return Trainer(config=config, layout=layout, info=info, dims=dims, dataset=dataset, loader=loader, engine=engine,
                    ema=ema, conditioning=conditioning, tracker=tracker, validator=validator, ds_config=ds_config,

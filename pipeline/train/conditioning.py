@@ -1,13 +1,16 @@
 """Text conditioning the trainer needs besides the data set's captions: the null caption (caption dropout
 and classifier-free guidance) and the validation captions.
 
-Rank 0 computes them once and saves them to <output_dir>/conditioning.safetensors (a resume reuses
-the file); every rank receives them by broadcast, so only rank 0 ever loads a text encoder.
-- With the text encoder recorded in the latents' manifest.json ("text_encoder" fingerprint,
-  pipeline/data/text.py): the null caption is the encoding of "", validation prompts are encoded.
-- Without one (or when it cannot be rebuilt here): the null caption is the empty context (one masked
-  token; PoM reads a zero state from it), and validation uses the stored captions of the first
-  samples of the data set; explicit `validation.prompts` then fail with a clear error.
+No training rank loads a text encoder (T5-XXL is about 10 GB of GPU memory beside the model): precompute
+stores the embeddings next to the latents (<latents>/text_conditioning.safetensors, pipeline/data/store/
+text_conditioning.py). Rank 0 reads them once and saves what the run uses to
+<output_dir>/conditioning.safetensors (a resume reuses the file); every rank receives them by broadcast.
+- The null caption is the stored encoding of "".
+- Validation samples `validation.prompts` (each must be among the stored prompts: precompute
+  `--validation-prompts FILE`), else the stored prompts, else the captions of the first data-set
+  samples (their embeddings are in the shards).
+- Latents from an older precompute (no file): the null caption is the empty context (one masked
+  token; PoM reads a zero state from it) and explicit `validation.prompts` fail with a clear error.
 """
 
 from __future__ import annotations
@@ -53,37 +56,36 @@ def _pad_stack(texts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _compute(config: RunConfig, dataset) -> dict:
-    """Rank 0: the tensors and captions (see the module docstring)."""
-    manifest = dataset.manifest
-    fingerprint = manifest.get("text_encoder")
-    prompts = config.validation.prompts
-    first_bucket_shape = tuple(int(v) for v in manifest["buckets"][0]["latent_shape"])
-    encoder = None
-    if fingerprint:
-        try:
-            from pipeline.data.encode.text_factory import text_encoder_from_fingerprint
+    """Rank 0: the tensors and captions (see the module docstring). Reads files only: no text encoder."""
+    from pipeline.data.store.text_conditioning import FILE_NAME as STORED
+    from pipeline.data.store.text_conditioning import read_text_conditioning
 
-            encoder = text_encoder_from_fingerprint(fingerprint)
-        except Exception as err:  # noqa: BLE001 - any failure means: train on, without the encoder
-            if prompts:
-                raise ConfigError(f"validation.prompts need the text encoder of {dataset.root}/manifest.json, "
-                                  f"which cannot be rebuilt here ({err}); leave validation.prompts empty") from err
-            log.warning("text encoder of the latents cannot be rebuilt (%s); null caption = empty context", err)
-    elif prompts:
-        raise ConfigError(
-            f"validation.prompts need a text encoder, and {dataset.root}/manifest.json records none; leave "
-            "validation.prompts empty to sample the captions of the first data-set samples"
-        )
-    if encoder is not None:
-        emb, mask = encoder.encode([""])
-        null_text, null_mask = emb[0][mask[0]].cpu(), torch.ones(int(mask[0].sum()), dtype=torch.bool)
-    else:
+    prompts = list(config.validation.prompts)
+    first_bucket_shape = tuple(int(v) for v in dataset.manifest["buckets"][0]["latent_shape"])
+    stored = read_text_conditioning(dataset.root)
+    if stored is None:
+        if prompts:
+            raise ConfigError(
+                f"validation.prompts need their embeddings in {dataset.root}/{STORED}, and there is no such file "
+                "(latents from an older precompute); run `pomvid precompute ... --validation-prompts FILE` with "
+                "them, or leave validation.prompts empty to sample the captions of the first data-set samples")
+        if dataset.manifest.get("text_encoder"):
+            log.warning("%s/%s is missing (an older precompute): the null caption is the empty context, not the "
+                        "encoded empty caption; re-run precompute to store it", dataset.root, STORED)
         dim = dataset[0]["text"].shape[1]
         null_text, null_mask = torch.zeros(1, dim), torch.zeros(1, dtype=torch.bool)
+    else:
+        null_text, null_mask = stored.null_text, stored.null_mask
+        missing = [p for p in prompts if p not in stored.prompts]
+        if missing:
+            raise ConfigError(
+                f"validation.prompts {missing[:3]} are not in {dataset.root}/{STORED} (it holds {len(stored.prompts)} "
+                "prompts); re-run `pomvid precompute ... --validation-prompts FILE` with them")
+        prompts = prompts or list(stored.prompts)  # the precompute's validation prompts, when no others are asked
     if prompts:
-        emb, mask = encoder.encode(list(prompts))
-        texts = [emb[i][mask[i]].cpu() for i in range(len(prompts))]
-        captions, shapes = list(prompts), [first_bucket_shape] * len(prompts)
+        rows = [stored.prompts.index(p) for p in prompts]
+        texts = [stored.prompt_text[i][stored.prompt_mask[i]] for i in rows]
+        captions, shapes = prompts, [first_bucket_shape] * len(prompts)
     else:
         count = min(config.validation.num_samples, len(dataset))
         samples = [dataset[i] for i in range(count)]

@@ -34,6 +34,7 @@ def resolve_precision(precision: str, device_type: str) -> str:
 def build_deepspeed_config(config: RunConfig, layout: Layout, *, device_type: str) -> dict:
     """DeepSpeed's JSON config for `config` on `layout` (world size, dp, sp, accumulation)."""
     engine, optim = config.engine, config.optim
+    bf16 = resolve_precision(engine.precision, device_type) == "bf16"
     zero: dict = {"stage": engine.zero_stage}
     if engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type != "cpu"}
@@ -48,10 +49,17 @@ def build_deepspeed_config(config: RunConfig, layout: Layout, *, device_type: st
         "gradient_clipping": optim.grad_clip,
         "optimizer": {"type": "AdamW", "params": params},
         "zero_optimization": zero,
-        "bf16": {"enabled": resolve_precision(engine.precision, device_type) == "bf16"},
+        "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,  # we log ourselves, on rank 0
         "wall_clock_breakdown": False,
     }
+    if bf16:
+        # Gradient reduction across ranks and accumulation over micro-batches in engine.grad_dtype
+        # (float32 by default; DeepSpeed's default for bf16 is bf16 for both). ZeRO-1 then runs DeepSpeed's
+        # BF16 optimizer, ZeRO-2/3 keep their fp32 accumulation buffers.
+        dtype = {"float32": "fp32", "bfloat16": "bf16"}[engine.grad_dtype]
+        ds["communication_data_type"] = dtype
+        ds["data_types"] = {"grad_accum_dtype": dtype}
     if engine.offload_optimizer:
         # DeepSpeed's CPU Adam is the supported optimizer for offload.
         ds["zero_force_ds_cpu_optimizer"] = True

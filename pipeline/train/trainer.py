@@ -6,16 +6,22 @@ world and ZeRO 1, 2 and 3 all AVERAGE gradients over dp * sp ranks. Each SP rank
 of the sample's loss (the shares sum to the sample's loss), so the world average is 1/sp of the wanted
 DP average; the SP loss factor (pipeline/parallel/loss.py, "world") multiplies every loss by sp.
 
-A non-finite loss (checked after one all-reduce, so every rank agrees) is backpropagated multiplied
-by NaN: every rank's gradients become NaN, DeepSpeed's global-norm check (all ZeRO stages) skips the
-optimizer step and the LR scheduler, and zeroes the gradients. The step counts as skipped (no EMA
-update); `train.max_nonfinite_steps` in a row stop the run with a checkpoint.
+Host synchronisation: none per micro-batch. A rank whose loss is not finite backpropagates it
+multiplied by NaN (`torch.where` on the device, no `.item()`), so its gradients are NaN; DeepSpeed's
+gradient reduction (all-reduce or reduce-scatter over the world, every ZeRO stage) carries the NaN to
+every rank's gradients, and DeepSpeed's overflow / global-norm check (itself one all-reduce and one
+host read per optimizer step) skips the optimizer step and the LR scheduler on every rank alike and
+zeroes the gradients. The step counts as skipped (no EMA update); `train.max_nonfinite_steps` in a row
+stop the run with a checkpoint. Losses stay on the device (one all-reduce per step, no host read);
+the step records (steps.jsonl, MLflow) are read to the host once per logging interval, at a checkpoint
+and when a step was skipped (tests/distributed/test_train_host_syncs.py counts the reads).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +32,7 @@ from pipeline.config import ConfigError, Layout, RunConfig
 from pipeline.config_overrides import config_to_dict
 from pipeline.parallel.dims import ParallelDims
 from pipeline.parallel.loss import deepspeed_loss_factor, sequence_parallel_loss
+from pipeline.parallel.parallelize import comm_counter
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.distributed import DistInfo, all_reduce_sum, barrier
 from pipeline.train.faults import pause_point
@@ -43,16 +50,26 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass(kw_only=True)
 class StepResult:
-    loss: float
-    """The global batch's loss (mean over samples), as single-process training would compute it."""
+    loss: torch.Tensor | float
+    """The global batch's loss (mean over samples), as single-process training would compute it: a 0-d
+    device tensor until the step records are read to the host (`Trainer.flush_steps`), then a float."""
     skipped: bool
     """No optimizer update happened (non-finite loss or gradients)."""
-    grad_norm: float | None
+    grad_norm: torch.Tensor | float | None
+    """DeepSpeed's global gradient norm (None when skipped); a tensor until flushed, like `loss`."""
     lr: float
     """Learning rate this step used."""
     seconds: float
     tokens: int
     """Video tokens of the global batch."""
+    step: int = 0
+    """Optimizer steps done after this one (the number steps.jsonl records)."""
+    indices: list[int] | None = None
+    """Data-set indices of the global batch (rank 0 only)."""
+    latent_shape: tuple[int, ...] = ()
+    """(C, T, H, W) of the batch's latents (for the FLOPs of the step)."""
+    text_len: int = 0
+    """Caption tokens of the batch (for the FLOPs of the step)."""
 
 
 def fit_data_dims(config: RunConfig, dataset) -> RunConfig:
@@ -102,8 +119,8 @@ class Trainer:
         self.sharing = sharing or FolderSharing(shared=True, owner=info.is_main)
         self._saved_step = start_step if start_step else None
         self._validated_step = start_step if start_step else None  # a finished run resumed: nothing to redo
-        self._latent_shape: tuple[int, ...] = ()
-        self._text_len = 0
+        self.comm = comm_counter(engine.module)  # SP collectives, aggregated per logging window
+        self._pending: list[StepResult] = []  # steps whose loss / norm are still device tensors
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -128,7 +145,9 @@ class Trainer:
             indices = self._global_indices() if self.info.is_main else []
             result = self.train_step(next(batches))
             self.step += 1
-            self._after_step(result, indices)
+            result.step, result.indices = self.step, indices
+            self._after_step(result)
+        self.flush_steps()
         if self._saved_step != self.step:
             self.save_checkpoint()
         self.finish_mirror()
@@ -136,26 +155,21 @@ class Trainer:
             self.validate()
         return {"step": self.step, "nonfinite_total": self.nonfinite_total}
 
-    def _after_step(self, result: StepResult, indices: list[int]) -> None:
+    def _after_step(self, result: StepResult) -> None:
         cfg = self.config.train
+        self._pending.append(result)
         if result.skipped:
             self.nonfinite_total += 1
             self.nonfinite_in_row += 1
+            self.flush_steps()  # rare: the warning says what the loss was
             if self.info.is_main:
                 log.warning("step %d: non-finite loss %s, optimizer step skipped (%d in a row)", self.step,
                             result.loss, self.nonfinite_in_row)
         else:
             self.nonfinite_in_row = 0
             self.ema.update()
-        self.meter.add(seconds=result.seconds, samples=self.layout.global_batch_size, tokens=result.tokens,
-                       latent_shape=self._latent_shape, text_len=self._text_len,
-                       loss=None if result.skipped else result.loss)
-        if self.info.is_main:
-            record = {"step": self.step, "loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
-                      "skipped": result.skipped, "indices": indices}
-            with open(self.output_dir / "steps.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
         if self.step % cfg.log_every == 0 or result.skipped:
+            self.flush_steps()
             self._log_metrics(result)
         if self.nonfinite_in_row >= cfg.max_nonfinite_steps:
             folder = self.save_checkpoint()
@@ -170,11 +184,48 @@ class Trainer:
         if self.config.validation.every and self.step % self.config.validation.every == 0:
             self.validate()
 
+    def flush_steps(self) -> None:
+        """Read the pending steps' losses and norms to the host (one synchronisation for all of them),
+        append them to steps.jsonl (rank 0) and the step meter."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        device_values = [r.loss for r in pending] + [r.grad_norm for r in pending if torch.is_tensor(r.grad_norm)]
+        start = time.perf_counter()
+        values = iter(torch.stack([v.detach().float().reshape(()).to(self.info.device) for v in device_values])
+                      .tolist())
+        pending[-1].seconds += time.perf_counter() - start  # the queued device work finished while we waited
+        for r in pending:
+            r.loss = next(values)
+        for r in pending:
+            if torch.is_tensor(r.grad_norm):
+                r.grad_norm = next(values)
+            elif r.grad_norm is not None:
+                r.grad_norm = float(r.grad_norm)
+        records = []
+        for r in pending:
+            finite = math.isfinite(r.loss)
+            if not finite and not r.skipped:
+                raise RuntimeError(f"step {r.step}: DeepSpeed applied an optimizer step although the loss was not "
+                                   "finite; the weights may be corrupt: resume from the last checkpoint")
+            self.meter.add(seconds=r.seconds, samples=self.layout.global_batch_size, tokens=r.tokens,
+                           latent_shape=r.latent_shape, text_len=r.text_len, loss=None if r.skipped else r.loss)
+            records.append({"step": r.step, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr,
+                            "skipped": r.skipped, "indices": r.indices})
+        if self.info.is_main:
+            with open(self.output_dir / "steps.jsonl", "a") as handle:
+                handle.write("".join(json.dumps(record) + "\n" for record in records))
+
     def _log_metrics(self, result: StepResult) -> None:
         metrics = {"train/loss": result.loss, "train/lr": result.lr, "train/skipped_steps": self.nonfinite_total,
-                   "train/epoch": self.loader.epoch, **self.meter.metrics()}
+                   "train/epoch": self.loader.epoch, **self.meter.metrics(), **self.loader.perf_metrics()}
         if result.grad_norm is not None:
             metrics["train/grad_norm"] = result.grad_norm
+        window = self.comm.take_window() if self.comm is not None else {"steps": 0}
+        if self.dims.sp > 1 and window["steps"]:
+            # Payload bytes this rank contributed to SP collectives per optimizer step, by autograd pass.
+            metrics["sp/bytes_per_step/forward"] = window["forward"] / window["steps"]
+            metrics["sp/bytes_per_step/backward"] = window["backward"] / window["steps"]
         self.meter.reset()
         if self.info.is_main:
             self.tracker.log_metrics(metrics, step=self.step)
@@ -187,9 +238,8 @@ class Trainer:
         device, micro = self.info.device, self.layout.micro_batch_size
         latents = batch["latents"].to(device)  # (per_rank_batch, C, T, H, W), the full videos
         text, text_mask = batch["text"].to(device), batch["text_mask"].to(device)
-        self._latent_shape, self._text_len = tuple(latents.shape[1:]), int(text.shape[1])
         first = self.dims.dp_rank * self.layout.per_rank_batch  # position of our first sample in the batch
-        losses, tokens = [], 0
+        loss_sum, tokens = torch.zeros((), device=device), 0
         for m in range(self.layout.grad_accum):
             part = slice(m * micro, (m + 1) * micro)
             mb = prepare_micro_batch(
@@ -197,39 +247,39 @@ class Trainer:
                 step=self.step, seed=self.config.train.seed, flow=self.config.flow, patch_t=self.config.model.patch_t,
                 patch_size=self.config.model.patch_size, null_text=self.cond.null_text.to(device),
                 null_mask=self.cond.null_mask.to(device), dims=self.dims, dtype=self.dtype)
-            losses.append(self.forward_backward_step(mb))
+            loss_sum += self.forward_backward_step(mb)
             tokens += mb.tokens * self.layout.dp
-        nonfinite = not all(torch.isfinite(torch.tensor(losses)).tolist())
-        applied = self.engine.was_step_applied()
-        if nonfinite and applied:
-            raise RuntimeError("DeepSpeed applied an optimizer step although the loss was not finite; the weights "
-                               "may be corrupt: resume from the last checkpoint")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None and applied else None
-        return StepResult(loss=sum(losses) / len(losses), skipped=not applied, grad_norm=norm, lr=lr,
-                          seconds=time.perf_counter() - start, tokens=tokens)
+        # Sum of the SP shares, mean over DP groups and micro-batches: the loss single-process training
+        # would report. One all-reduce per step, read to the host later (flush_steps).
+        loss = all_reduce_sum(loss_sum) / (self.dims.dp * self.layout.grad_accum)
+        if self.comm is not None:
+            self.comm.next_step()
+        applied = self.engine.was_step_applied()  # DeepSpeed's overflow check already synchronised
+        norm = self.engine.get_global_grad_norm() if applied else None
+        return StepResult(loss=loss, skipped=not applied, grad_norm=norm, lr=lr,
+                          seconds=time.perf_counter() - start, tokens=tokens,
+                          latent_shape=tuple(latents.shape[1:]), text_len=int(text.shape[1]))
 
-    def forward_backward_step(self, mb: MicroBatch) -> float:
-        """Forward, loss, backward of one micro-batch; returns the micro-batch's global loss."""
+    def forward_backward_step(self, mb: MicroBatch) -> torch.Tensor:
+        """Forward, loss, backward of one micro-batch; returns this rank's share of its loss (0-d, fp32,
+        on the device: no host synchronisation)."""
         local = mb.local
         pred = self.engine(local.latents, local.timesteps, mb.text, mb.text_mask, local.shard.frame_mask,
                            local.shard.frame_offset)  # (B, C, T_local, H, W)
         loss = sequence_parallel_loss(pred, local.extras["target"], local.shard, mb.loss_frame_mask)
-        # Sum of the SP shares, mean over DP groups: the loss single-process training would report.
-        global_loss = all_reduce_sum(loss.detach().float()) / self.dims.dp
-        finite = bool(torch.isfinite(global_loss).item())
         pause_point(self.step + 1, self.info.rank)  # fault injection for tests (POMVID_FAULT_PAUSE); else a no-op
-        # NaN poisons every rank's gradients, so DeepSpeed skips the optimizer step everywhere.
-        self.engine.backward(loss * (self.loss_factor if finite else float("nan")))
+        # A non-finite loss makes this rank's gradients NaN; the gradient reduction carries the NaN to every
+        # rank and DeepSpeed's overflow check skips the step everywhere (module docstring).
+        factor = torch.where(torch.isfinite(loss.detach()), self.loss_factor, float("nan")).to(loss.dtype)
+        self.engine.backward(loss * factor)
         self.engine.step()  # the optimizer step happens at the accumulation boundary
-        return float(global_loss.item())
+        return loss.detach().float()
 
     # -- checkpoints, validation, close ------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        ema_state = self.ema.full_state_dict()  # collective under ZeRO-3
+        self.flush_steps()  # steps.jsonl covers every step the checkpoint holds
+        ema_state = self.ema.full_state_dict()  # a collective; rank 0 gets the full EMA, the others None
         state = {
             "loader": self.loader.state_dict(),
             "counters": {"nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row},
@@ -238,7 +288,7 @@ class Trainer:
             "zero_stage": self.config.engine.zero_stage, "config": config_to_dict(self.config),
         }
         self.finish_mirror()  # the previous upload first: local retention must not delete files in flight
-        folder = ckpt.save(self.engine, self.ckpt_root, self.step, ema_state=ema_state if self.info.is_main else None,
+        folder = ckpt.save(self.engine, self.ckpt_root, self.step, ema_state=ema_state,
                            trainer_state=state, rank=self.info.rank, barrier=barrier, owner=self.sharing.owner)
         self._saved_step = self.step
         if self.mirror is not None:
@@ -257,12 +307,14 @@ class Trainer:
             self.mirror.wait()
 
     def validate(self) -> None:
-        ema_state = self.ema.full_state_dict()  # collective under ZeRO-3
-        if self.info.is_main:
+        ema_state = self.ema.full_state_dict()  # a collective; rank 0 gets the full EMA, the others None
+        if self.validator is not None:  # the first SP group samples together (pipeline/train/validation.py)
             start = time.perf_counter()
             written = self.validator.run(ema_state, self.step, self.tracker)
-            self.tracker.log_metrics({"validation/seconds": time.perf_counter() - start}, step=self.step)
-            log.info("validation at step %d: %s", self.step, ", ".join(p.name for p in written))
+            if self.info.is_main:
+                self.tracker.log_metrics({"validation/seconds": time.perf_counter() - start}, step=self.step)
+                log.info("validation at step %d: %s", self.step, ", ".join(p.name for p in written))
+        del ema_state
         self._validated_step = self.step
         barrier()
 

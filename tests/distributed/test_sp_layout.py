@@ -100,3 +100,26 @@ def test_counter_totals_per_layer_step_and_direction():
     assert counter.bytes(step=1, wire=True) == 108 * 3  # ring all-gather
     counter.reset()
     assert counter.records == [] and counter.step == 0
+
+
+def test_counter_memory_is_constant_over_a_long_run():
+    """10,000 steps of 2 micro-batches x 28 layers x 2 directions: the counter holds a bounded number of
+    aggregates, keeps the last steps exactly, and its window gives the bytes per step for logging."""
+    counter = CommCounter(keep_steps=4)
+    x = torch.zeros(3, 9)  # 108 bytes
+    sizes = []
+    for step in range(10_000):
+        for _micro in range(2):
+            for layer in range(28):
+                for direction in ("forward", "backward"):
+                    counter.record(layer=f"blocks.{layer}.self_pom", direction=direction, op="all_reduce", tensor=x,
+                                   group_size=2)
+        counter.next_step()
+        if step % 100 == 99:
+            window = counter.take_window()
+            assert window == {"forward": 100 * 2 * 28 * 108, "backward": 100 * 2 * 28 * 108,
+                              "calls": 100 * 2 * 28 * 2, "steps": 100}
+        sizes.append(counter.size())
+    assert max(sizes) <= (4 + 1) * 28 * 2 and sizes[-100:] == sizes[100:200]  # the same every window
+    assert counter.per_layer(9_999)["blocks.0.self_pom"] == {"forward": 216, "backward": 216, "calls": 4}
+    assert counter.select(step=9_000) == [] and counter.calls() == 4 * 28 * 2 * 2

@@ -28,6 +28,20 @@ CASES = {"bidirectional-euler": (False, "euler"), "bidirectional-heun": (False, 
 FRAMES, BATCH = 5, 2
 
 
+def _count_forwards(model) -> dict:
+    """Counts the model's full-sequence forwards and its cached one-frame forwards from now on."""
+    calls = {"frame": 0, "full": 0}
+    model.register_forward_hook(lambda *_: calls.__setitem__("full", calls["full"] + 1))
+    frame_forward = model.forward_frame
+
+    def counted(*args, **kwargs):
+        calls["frame"] += 1
+        return frame_forward(*args, **kwargs)
+
+    model.forward_frame = counted
+    return calls
+
+
 def sampling_worker(rank: int, world_size: int) -> dict:
     dims = ParallelDims(dp=1, sp=world_size)
     results = {}
@@ -39,12 +53,13 @@ def sampling_worker(rank: int, world_size: int) -> dict:
         config = SamplerConfig(steps=3, guidance=2.5, shift=2.0, solver=solver)
         noise = initial_noise((BATCH, CHANNELS, FRAMES, SIDE, SIDE), seed=60 + i)  # same on every rank
         parallelize_pom_dit(model, dims)
+        calls = _count_forwards(model)
         video = sample_sequence_parallel(model, noise, x["text"], x["text_mask"], dims=dims, config=config,
                                          null_text=null_text, null_mask=null_mask)
         expected = sample(reference, noise, x["text"], x["text_mask"], config=config, null_text=null_text,
                           null_mask=null_mask)
         results[name] = {"error": relative_error(video, expected), "shape": list(video.shape),
-                         "expected_shape": list(expected.shape)}
+                         "expected_shape": list(expected.shape), "calls": calls}
     return results
 
 
@@ -59,3 +74,11 @@ def test_sequence_parallel_sampling_equals_one_process(per_rank, case):
         r = results[case]
         assert r["shape"] == r["expected_shape"]
         assert r["error"] < 1e-5, f"rank {rank}: relative error {r['error']:.2e}"
+
+
+def test_block_causal_sampling_hands_the_state_on_instead_of_recomputing(per_rank):
+    """5 token-frames over 3 ranks (2, 2, 1): each rank runs only its own frames through the cached
+    one-frame forward (3 Euler steps + 1 pass at t = 0 per frame), never the full-sequence forward."""
+    frames_per_rank = [2, 2, 1]
+    for rank, results in enumerate(per_rank):
+        assert results["causal-euler"]["calls"] == {"frame": frames_per_rank[rank] * (3 + 1), "full": 0}, rank

@@ -67,6 +67,8 @@ def test_mlflow_holds_both_runs_with_params_metrics_and_videos(demo):
     assert train.data.params["parallel.sp"] == "2"
     assert len(client.get_metric_history(train.info.run_id, "train/loss")) >= 2
     assert 0.0 <= train.data.metrics["demo/adherence"] <= 1.0
+    # sp=2: the SP collectives' bytes per optimizer step (CommCounter window), both autograd passes.
+    assert train.data.metrics["sp/bytes_per_step/forward"] > 0 < train.data.metrics["sp/bytes_per_step/backward"]
     assert train.data.metrics["demo/seconds_total"] > 0
     videos = [a.path for a in client.list_artifacts(train.info.run_id, "demo_samples")]
     assert len(videos) == 8 and all(v.endswith(".mp4") for v in videos)

@@ -102,6 +102,7 @@ def test_nonfinite_loss_skips_the_step_and_too_many_stop_the_run(tmp_path):
     (["--set", "data.micro_batch_size=4", "--set", "data.global_batch_size=6"], "not a multiple of micro_batch_size=4"),
     (["--set", "parallel.dp=2"], "dp=2 x sp=1 = 2 does not match the world size 1"),
     (["--data", "/nonexistent/latents"], "no manifest.json"),
+    (["--set", "model.causal=true"], "set flow.per_frame_timesteps=true"),
 ])
 def test_bad_config_fails_with_a_clear_error(tmp_path, extra, message):
     result = train_cli(common_args(train_runs.data(), tmp_path / "run") + extra, timeout=120)

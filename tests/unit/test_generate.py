@@ -126,6 +126,19 @@ def test_sequential_equals_parallel_block_causal_generation(causal_run):
     assert longer.video.shape[1] == 3 * FRAMES  # longer than the training clips
 
 
+def test_bfloat16_sampling_is_close_to_float32(run):
+    """The GPU recipes' training dtype: weights and latents in bf16, decoded in fp32."""
+    options = SampleOptions(steps=2, seed=3, guidance=2.0)
+    full = VideoGenerator.load(run, device="cpu").generate(PROMPTS[:1], options)[0].video
+    half_gen = VideoGenerator.load(run, device="cpu", dtype="bfloat16")
+    assert next(half_gen.model.parameters()).dtype == torch.bfloat16
+    half = half_gen.generate(PROMPTS[:1], options)[0].video
+    assert half.dtype == torch.float32 and not torch.equal(half, full)
+    assert float((half - full).abs().mean()) < 0.05
+    with pytest.raises(SampleError, match="dtype='fp16' is unknown"):
+        VideoGenerator.load(run, device="cpu", dtype="fp16")
+
+
 def test_checkpoint_resolution(run):
     latest = resolve_checkpoint(run)
     assert latest == run / "checkpoints" / "step_00000005"

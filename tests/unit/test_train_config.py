@@ -90,7 +90,16 @@ def test_deepspeed_config_follows_the_dataclasses():
     assert ds["train_batch_size"] == 2 * 4 * 4 == config.data.global_batch_size * 2
     assert ds["zero_optimization"] == {"stage": 3} and ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is False and ds["optimizer"]["params"]["torch_adam"] is True
-    assert build_deepspeed_config(config, layout, device_type="cuda")["bf16"]["enabled"] is True
+    gpu = build_deepspeed_config(config, layout, device_type="cuda")
+    assert gpu["bf16"]["enabled"] is True
+    # bf16 weights, fp32 gradient reduction and accumulation (engine.grad_dtype's default); fp32 runs leave
+    # DeepSpeed's (fp32) defaults.
+    assert gpu["communication_data_type"] == "fp32" and gpu["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert "communication_data_type" not in ds and "data_types" not in ds
+    low = build_deepspeed_config(apply_overrides(config, ["engine.grad_dtype=bfloat16"]), layout, device_type="cuda")
+    assert low["communication_data_type"] == "bf16" and low["data_types"] == {"grad_accum_dtype": "bf16"}
+    with pytest.raises(ConfigError, match="grad_dtype='fp16' is unknown"):
+        apply_overrides(config, ["engine.grad_dtype=fp16"])
     offload = build_deepspeed_config(apply_overrides(config, ["engine.offload_optimizer=true"]), layout,
                                      device_type="cuda")
     assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
@@ -155,3 +164,28 @@ def test_resumed_schedule_keeps_the_step_and_takes_the_new_config():
     assert optimizer2.param_groups[0]["lr"] == pytest.approx(2e-3 * make_schedule(longer)(5))
     reapply_schedule(scheduler, optimizer, config)  # nothing changed: nothing moves
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * make_schedule(config)(5))
+
+
+@pytest.mark.parametrize("name", ["S", "B", "XL", "demo"])
+def test_recipe_docstrings_state_the_sizes_the_code_builds(name):
+    import re
+
+    import torch
+
+    from pipeline.models.dit import PoMDiT
+
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = PoMDiT(get_recipe(name).model)
+    built = sum(p.numel() for p in model.parameters()) / 1e6
+    stated = float(re.search(r"(\d+(?:\.\d+)?)M[ -]param", RECIPES[name].__doc__).group(1))
+    assert stated == round(built, 1 if built < 10 else 0), f"{name}: docstring says {stated}M, the model has {built:.2f}M"
+
+
+def test_causal_training_needs_per_frame_timesteps_unless_opted_out():
+    with pytest.raises(ConfigError, match="model.causal=true .* set flow.per_frame_timesteps=true"):
+        apply_overrides(get_recipe("debug"), ["model.causal=true"]).check_training()
+    diffusion_forcing = apply_overrides(get_recipe("debug"), ["model.causal=true", "flow.per_frame_timesteps=true"])
+    diffusion_forcing.check_training()
+    opted_out = apply_overrides(get_recipe("debug"), ["model.causal=true", "flow.causal_per_sample_timesteps=true"])
+    opted_out.check_training()
+    assert not opted_out.flow.per_frame_timesteps

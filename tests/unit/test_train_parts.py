@@ -147,30 +147,55 @@ class _Latents:
                 "latent": torch.zeros(4, 4, 4, 4)}
 
 
-def test_validation_captions_and_null_caption(tmp_path):
+def test_validation_captions_and_null_caption(tmp_path, monkeypatch):
     from pipeline.config import get_recipe
     from pipeline.config_overrides import apply_overrides
+    from pipeline.data.encode import text_factory
     from pipeline.data.encode.text_clip import make_tiny_clip
     from pipeline.data.encode.text_factory import build_text_encoder
+    from pipeline.data.store.text_conditioning import (
+        TextConditioning,
+        pad_embeddings,
+        write_text_conditioning,
+    )
     from pipeline.train.conditioning import load_or_compute
 
+    # What precompute stores next to the latents: the encoded "" and the --validation-prompts.
     encoder = build_text_encoder("clip", path=make_tiny_clip(tmp_path / "clip", width=8, context_length=16))
+    stored_prompts = ["a green cone", "a red ball", "a blue cube"]
+    emb, mask = encoder.encode(["", *stored_prompts])
+    prompt_text, prompt_mask = pad_embeddings([emb[i][mask[i]] for i in range(1, 4)], 8)
+    latents = tmp_path / "latents"
+    write_text_conditioning(latents, TextConditioning(
+        null_text=emb[0][mask[0]], null_mask=mask[0][mask[0]], prompts=stored_prompts, prompt_text=prompt_text,
+        prompt_mask=prompt_mask, text_encoder=encoder.fingerprint()))
+    # No training rank loads a text encoder: building one fails the test.
+    monkeypatch.setattr(text_factory, "build_text_encoder", lambda *a, **k: pytest.fail("a text encoder was loaded"))
     buckets = [{"key": "b", "latent_shape": [4, 4, 2, 2]}]
+    manifest = {"text_encoder": encoder.fingerprint(), "buckets": buckets}
     config = apply_overrides(get_recipe("debug"), ["validation.prompts=a red ball|a blue cube"])
-    cond = load_or_compute(config, _Latents(tmp_path, {"text_encoder": encoder.fingerprint(), "buckets": buckets}),
-                           output_dir=tmp_path / "run", is_main=True, device=torch.device("cpu"))
-    emb, mask = encoder.encode(["", "a red ball"])
+    cond = load_or_compute(config, _Latents(latents, manifest), output_dir=tmp_path / "run", is_main=True,
+                           device=torch.device("cpu"))
     torch.testing.assert_close(cond.null_text, emb[0][mask[0]])  # the encoded empty caption
-    n = int(mask[1].sum())
-    torch.testing.assert_close(cond.val_text[0, :n], emb[1][mask[1]])
+    n = int(mask[2].sum())
+    torch.testing.assert_close(cond.val_text[0, :n], emb[2][mask[2]])
     assert cond.val_mask[0].sum() == n and cond.val_captions == ["a red ball", "a blue cube"]
     assert cond.val_shapes == [(4, 4, 2, 2)] * 2  # the first bucket's latents
     assert (tmp_path / "run" / "conditioning.safetensors").is_file()
+    # No prompts asked: the stored ones. A prompt precompute did not encode: a clear error.
+    empty = apply_overrides(config, ["validation.prompts=[]"])
+    cond = load_or_compute(empty, _Latents(latents, manifest), output_dir=tmp_path / "run2", is_main=True,
+                           device=torch.device("cpu"))
+    assert cond.val_captions == stored_prompts
+    other = apply_overrides(config, ["validation.prompts=a pink star"])
+    with pytest.raises(ConfigError, match=r"\['a pink star'\] are not in .*--validation-prompts FILE"):
+        load_or_compute(other, _Latents(latents, manifest), output_dir=tmp_path / "run3", is_main=True,
+                        device=torch.device("cpu"))
 
-    # No text encoder in the manifest: prompts are refused; empty prompts use the data set's captions
-    # and the null caption is the empty context.
+    # Latents without the file (an older precompute): prompts are refused; empty prompts use the data
+    # set's captions and the null caption is the empty context.
     plain = _Latents(tmp_path, {"buckets": buckets})
-    with pytest.raises(ConfigError, match="records none; leave validation.prompts empty"):
+    with pytest.raises(ConfigError, match="no such file .*--validation-prompts FILE"):
         load_or_compute(config, plain, output_dir=tmp_path / "other", is_main=True, device=torch.device("cpu"))
     config = apply_overrides(config, ["validation.prompts=[]", "validation.num_samples=2"])
     cond = load_or_compute(config, plain, output_dir=tmp_path / "other", is_main=True, device=torch.device("cpu"))
