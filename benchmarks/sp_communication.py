@@ -3,7 +3,8 @@
 Measured: for each SP degree P, P gloo processes run one layer's forward + backward on their 1/P of
 N tokens, and the CommCounter (pipeline/parallel/collectives.py) records every collective:
 - PoM-SP: a self-PoM layer with the SP reducer, bidirectional (all-reduce of (sum, count)) and
-  block-causal (all-gather of rank totals, 256 tokens per frame);
+  block-causal (all-gather of rank totals, 256 tokens per frame); v1 (state k*e*D = 4D + 1 numbers)
+  and v2, the authors' formulation (state e*D = 2D + 1: half the bytes at degree 2);
 - Ulysses and Ring: the reference attention layers of pipeline/parallel/reference_attention.py, with
   the same width. Up to --exact-max-tokens they compute exact attention (CPU flash kernels); above,
   an O(N) stand-in for the local math keeps the run short on a CPU: same collectives and tensors,
@@ -38,7 +39,8 @@ from pipeline.parallel.collectives import CommCounter
 from pipeline.parallel.reducers import SequenceParallelReducer
 from pipeline.parallel.reference_attention import RingAttention, UlyssesAttention
 
-METHODS = ("PoM-SP", "PoM-SP causal", "Ulysses", "Ring")
+METHODS = ("PoM-SP", "PoM-SP causal", "PoM-SP v2", "PoM-SP v2 causal", "Ulysses", "Ring")
+POM_METHODS = METHODS[:4]
 FRAME_TOKENS = 256  # tokens per latent frame for block-causal PoM (a 32x32 latent with 2x2 patches)
 ELEMENT = 4  # float32
 
@@ -48,11 +50,12 @@ ELEMENT = 4  # float32
 
 def formula(method: str, *, tokens: int, sp: int, width: int, batch: int = 1, degree: int = 2,
             expand: int = 2, element: int = ELEMENT, wire: bool = False) -> float:
-    state = degree * expand * width + 1  # sum and count
+    # sum and count; v1's state is k*e*D wide, v2's e*D (powers summed with learned coefficients)
+    state = (expand * width if "v2" in method else degree * expand * width) + 1
     n_local = tokens / sp
-    if method == "PoM-SP":  # one all-reduce of B * (S + 1) forward, one backward
+    if method in ("PoM-SP", "PoM-SP v2"):  # one all-reduce of B * (S + 1) forward, one backward
         payload, factor = 2 * batch * state, 2 * (sp - 1) / sp
-    elif method == "PoM-SP causal":  # one all-gather of B * (S + 1) forward, one backward
+    elif method in ("PoM-SP causal", "PoM-SP v2 causal"):  # one all-gather of B * (S + 1) forward, one backward
         payload, factor = 2 * batch * state, sp - 1
     elif method == "Ulysses":  # all-to-all of Q, K, V, O forward and their gradients backward
         payload, factor = 8 * batch * n_local * width, (sp - 1) / sp
@@ -68,7 +71,7 @@ def formula(method: str, *, tokens: int, sp: int, width: int, batch: int = 1, de
 
 def _layer(method: str, width: int, heads: int, group, counter: CommCounter, exact: bool):
     if method.startswith("PoM-SP"):
-        pom = PoM(width)
+        pom = PoM(width, variant="v2" if "v2" in method else "v1")
         pom.reducer = SequenceParallelReducer(group, counter=counter, layer=method)
         causal = method.endswith("causal")
         return lambda x: pom(x, frame_tokens=FRAME_TOKENS if causal else None)
@@ -117,9 +120,9 @@ def _mb(x: float) -> str:
 
 
 def measured_table(rows: list[dict], width: int, batch: int) -> str:
-    lines = ["| N tokens | P | local attention | PoM-SP | PoM-SP causal | Ulysses | Ring | PoM-SP / Ulysses "
+    lines = ["| N tokens | P | local attention | " + " | ".join(METHODS) + " | PoM-SP / Ulysses "
              "| PoM-SP / Ring | all = formula |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+             "|---:|---:|---|" + "---:|" * len(METHODS) + "---:|---:|---|"]
     cells = {(r["tokens"], r["sp"], r["method"]): r for r in rows}
     for tokens, sp in sorted({(r["tokens"], r["sp"]) for r in rows}, key=lambda k: (k[1], k[0])):
         b = {m: cells[(tokens, sp, m)]["bytes"] for m in METHODS}
@@ -132,13 +135,13 @@ def measured_table(rows: list[dict], width: int, batch: int) -> str:
 
 
 def extrapolated_table(tokens: int, width: int, heads: int, sps: list[int]) -> str:
-    lines = ["| P | PoM-SP | PoM-SP causal | Ulysses | Ring | PoM-SP causal, wire est. | Ulysses / PoM-SP |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| P | " + " | ".join(METHODS) + " | PoM-SP causal, wire est. | Ulysses / PoM-SP |",
+             "|---:|" + "---:|" * (len(METHODS) + 2)]
     for sp in sps:
         v = {m: formula(m, tokens=tokens, sp=sp, width=width) for m in METHODS}
         causal_wire = formula("PoM-SP causal", tokens=tokens, sp=sp, width=width, wire=True)
         uly = _mb(v["Ulysses"]) + ("" if sp <= heads else " (P > heads)")
-        lines.append(f"| {sp} | {_mb(v['PoM-SP'])} | {_mb(v['PoM-SP causal'])} | {uly} | {_mb(v['Ring'])} | "
+        lines.append(f"| {sp} | " + " | ".join(_mb(v[m]) for m in POM_METHODS) + f" | {uly} | {_mb(v['Ring'])} | "
                      f"{_mb(causal_wire)} | {v['Ulysses'] / v['PoM-SP']:,.0f} |")
     return "\n".join(lines)
 
@@ -151,7 +154,7 @@ def plot(rows: list[dict], path: Path, *, width: int, big_tokens: int, big_width
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colours = dict(zip(METHODS, ("tab:green", "tab:olive", "tab:red", "tab:blue")))
+    colours = dict(zip(METHODS, ("tab:green", "tab:olive", "tab:cyan", "tab:purple", "tab:red", "tab:blue")))
     for sp, style in zip(sorted({r["sp"] for r in rows}), ("--", "-")):
         for m in METHODS:
             pts = sorted((r["tokens"], r["bytes"]) for r in rows if r["method"] == m and r["sp"] == sp)
@@ -203,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     sps = [2**i for i in range(1, 11)]
     print(f"# Sequence-parallel communication ({platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}, gloo; measured in {elapsed:.0f} s)\n")
-    print(f"Measured, width {args.width} (PoM state {4 * args.width} + 1), {args.heads} heads, batch "
+    print(f"Measured, width {args.width} (PoM state: v1 {4 * args.width} + 1, v2 {2 * args.width} + 1), "
+          f"{args.heads} heads, batch "
           f"{args.batch}, fp32; bytes per rank per layer per training step (forward + backward payload):\n")
     print(measured_table(rows, args.width, args.batch))
     print(f"\nFormulas extrapolated: N = {args.big_tokens:,} tokens, width {args.big_width}, "
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     target = formula("PoM-SP", tokens=32768, sp=4, width=args.width) / formula(
         "Ulysses", tokens=32768, sp=4, width=args.width)
     constant = all(len({r["bytes"] for r in rows if r["method"] == m and r["sp"] == sp}) == 1
-                   for sp in args.sp for m in ("PoM-SP", "PoM-SP causal"))
+                   for sp in args.sp for m in POM_METHODS)
     print(f"\nmeasured == formula for every row: {not mismatches}")
     print(f"PoM-SP bytes independent of N: {constant}")
     print(f"target PoM-SP / Ulysses at N = 32k, P = 4: {target:.2e} (<= 1e-2: {target <= 1e-2})")

@@ -448,7 +448,7 @@ def _gpu_recipe(name: str, size: str, *, micro: int, checkpointing: bool) -> Run
     # (infer_data_dims) so a recipe also trains on other encoders' latents.
     return RunConfig(
         recipe=name,
-        model=dit_config(size, in_channels=16, text_dim=4096, patch_size=2, patch_t=1),
+        model=dit_config(size, in_channels=16, text_dim=4096, patch_size=2, patch_t=1, compile=True),
         data=DataConfig(global_batch_size=256, micro_batch_size=micro),
         optim=OptimConfig(lr=1e-4, warmup_steps=1000, weight_decay=0.0, min_lr_ratio=0.1),
         engine=EngineConfig(zero_stage=2, precision="bf16", activation_checkpointing=checkpointing),

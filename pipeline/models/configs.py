@@ -37,7 +37,20 @@ class DiTConfig:
     """Expansion e of every PoM layer: the state has k * e * D numbers per sample."""
 
     variant: str = "v1"
-    """PoM formulation: "v1" (the paper's) or "v2" (learned coefficients, hard-sigmoid gate)."""
+    """PoM formulation: "v1" (the paper's, state k*e*D) or "v2" (the authors' `pom` package: learned
+    polynomial coefficients, hard-sigmoid gate, state e*D). See pipeline/models/pom.py."""
+
+    n_sel_heads: int = 1
+    """v2 only: selection heads of every PoM. 0 or 1: one gate per state channel; H: H gate channels,
+    each scaling e*D/H state channels (H must divide expand * width)."""
+
+    n_groups: int = 1
+    """v2 only: groups of the feature projection W_c (a grouped 1x1 projection; must divide width).
+    1: W_c and W_s are one stacked matrix, one GEMM for both when self-mixing."""
+
+    compile: bool = False
+    """The trainer compiles each block with torch.compile (after sequence parallelism and activation
+    checkpointing are applied; pipeline/models/compile.py). Changes speed, not the math."""
 
     text_dim: int = 4096
     """Width of the text encoder's embeddings (T5-XXL: 4096, CLIP ViT-L: 768)."""
@@ -63,6 +76,20 @@ class DiTConfig:
             raise ValueError(f"DiTConfig.freq_dim={self.freq_dim} must be even (sin and cos halves)")
         if self.variant not in VARIANTS:
             raise ValueError(f"DiTConfig.variant={self.variant!r} is unknown; use one of {VARIANTS}")
+        for name in ("n_sel_heads", "n_groups"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "n_sel_heads" else 1):
+                raise ValueError(f"DiTConfig.{name}={value!r} must be a {'non-negative' if name == 'n_sel_heads' else 'positive'} integer")
+        if self.variant == "v1" and (self.n_sel_heads > 1 or self.n_groups > 1):
+            raise ValueError(f"DiTConfig.n_sel_heads={self.n_sel_heads} and n_groups={self.n_groups} need "
+                             "variant='v2' (v1, the paper's, has neither); set variant=v2 or leave them at 1")
+        if self.n_sel_heads > 1 and (self.expand * self.width) % self.n_sel_heads:
+            raise ValueError(f"DiTConfig.n_sel_heads={self.n_sel_heads} must divide expand*width="
+                             f"{self.expand * self.width} (each head gates e*D/H state channels)")
+        if self.width % self.n_groups:
+            raise ValueError(f"DiTConfig.n_groups={self.n_groups} must divide width={self.width}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"DiTConfig.compile={self.compile!r} must be True or False")
         if not isinstance(self.causal, bool):
             raise ValueError(f"DiTConfig.causal={self.causal!r} must be True or False")
         if not self.mlp_ratio > 0 or self.mlp_hidden < 1:
@@ -112,9 +139,13 @@ def build_dit(size: str, **overrides):
 
 def _pom_flops(config: DiTConfig, queries: int, context: int) -> int:
     """Matmul FLOPs of one PoM forward: features on the context, gate and output on the queries."""
-    d, state = config.width, config.degree * config.expand * config.width
-    feature_out = state if config.variant == "v1" else config.expand * d  # v2 projects to e*D once
-    return 2 * context * d * feature_out + 2 * queries * d * state + 2 * queries * state * d
+    d, hidden = config.width, config.expand * config.width
+    if config.variant == "v1":  # features k*e*D, gate k*e*D, output from k*e*D
+        state = config.degree * hidden
+        return 2 * context * d * state + 2 * queries * d * state + 2 * queries * state * d
+    gate = config.n_sel_heads if config.n_sel_heads > 1 else hidden
+    feature = 2 * context * (d // config.n_groups) * hidden  # grouped: each output reads D/G inputs
+    return feature + 2 * queries * d * gate + 2 * queries * hidden * d
 
 
 def training_flops(config: DiTConfig, *, batch: int, frames: int, height: int, width: int,

@@ -45,8 +45,9 @@ class PoMBlock(nn.Module):
         super().__init__()
         d = config.width
         self.norm_cross, self.norm_self, self.norm_ffn = _norm(d), _norm(d), _norm(d)
-        self.cross_pom = PoM(d, config.degree, config.expand, config.variant)
-        self.self_pom = PoM(d, config.degree, config.expand, config.variant)
+        options = dict(n_sel_heads=config.n_sel_heads, n_groups=config.n_groups) if config.variant == "v2" else {}
+        self.cross_pom = PoM(d, config.degree, config.expand, config.variant, **options)
+        self.self_pom = PoM(d, config.degree, config.expand, config.variant, **options)
         self.ffn = nn.Sequential(
             nn.Linear(d, config.mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(config.mlp_hidden, d)
         )
@@ -128,13 +129,15 @@ class PoMDiT(nn.Module):
 
     def _init_weights(self, gather: Callable[[nn.Module], AbstractContextManager]) -> None:
         # DiT's recipe: xavier linears, small timestep MLP, zero AdaLN and output (identity blocks,
-        # zero output). PoM v2's polynomial coefficients keep their own init. One module at a time inside
-        # `gather`, in a fixed order: the random draws are the same with and without ZeRO-3.
+        # zero output). PoM v2's polynomial coefficients, gate bias and grouped projection keep theirs.
+        # One module at a time inside `gather`, in a fixed order: the random draws are the same with
+        # and without ZeRO-3.
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 with gather(module):
                     nn.init.xavier_uniform_(module.weight)
-                    nn.init.zeros_(module.bias)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
         for layer in (self.time_embed.mlp[0], self.time_embed.mlp[2]):
             with gather(layer):
                 nn.init.normal_(layer.weight, std=0.02)

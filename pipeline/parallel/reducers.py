@@ -44,11 +44,15 @@ class SequenceParallelReducer(StateReducer):
         self.layer = layer
         """Name of the layer in the counter's records, e.g. "blocks.0.self_pom"."""
 
+    # torch.compile: not traced, on purpose (pipeline/models/compile.py). The graph of the block splits
+    # here; the collective, its counter records and its mirrored backward run eagerly, as uncompiled.
+    @torch.compiler.disable
     def reduce(self, state: PoMState) -> PoMState:
         packed = _pack(state)  # (B, S + 1), this rank's tokens only
         total = all_reduce_sum(packed, self.group, counter=self.counter, layer=self.layer)  # (B, S + 1)
         return _unpack(total)
 
+    @torch.compiler.disable
     def reduce_causal(self, frame_state: PoMState) -> PoMState:
         packed = _pack(frame_state)  # (B, F_local, S + 1), per local frame
         local_prefix = packed.cumsum(dim=1)  # (B, F_local, S + 1): frames of this rank up to f

@@ -82,6 +82,7 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
     import deepspeed
 
     from pipeline.data.load.loader import LatentDataset, LatentLoader
+    from pipeline.models.compile import compile_blocks
     from pipeline.parallel.dims import ParallelDims
     from pipeline.parallel.parallelize import parallelize_pom_dit
     from pipeline.tracking import start_run
@@ -163,6 +164,7 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
             log.info("initial weights: %s", source)
     model.set_activation_checkpointing(config.engine.activation_checkpointing)
     parallelize_pom_dit(model, dims)
+    compile_blocks(model, config.model.compile)  # last: compiles what SP and checkpointing made
     scheduler = None if "scheduler" in ds_config else lr_scheduler_factory(config)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config,
                                            lr_scheduler=scheduler)

@@ -55,11 +55,11 @@ def run_distributed(worker: Callable, world_size: int, *args) -> list:
 # -- the tiny model and inputs ------------------------------------------------------------------------------
 
 
-def tiny_dit(*, causal: bool, seed: int, variant: str = "v1", patch_t: int = 1) -> PoMDiT:
+def tiny_dit(*, causal: bool, seed: int, variant: str = "v1", patch_t: int = 1, **options) -> PoMDiT:
     """Width 32, depth 2; every parameter random (the DiT's zero-initialised AdaLN and output layers
-    would make most gradients zero and the comparison empty)."""
+    would make most gradients zero and the comparison empty). options: other DiTConfig fields."""
     config = DiTConfig(in_channels=CHANNELS, patch_t=patch_t, patch_size=2, width=32, depth=2,
-                       text_dim=TEXT_DIM, causal=causal, variant=variant, freq_dim=16)
+                       text_dim=TEXT_DIM, causal=causal, variant=variant, freq_dim=16, **options)
     torch.manual_seed(seed)
     model = PoMDiT(config)
     generator = torch.Generator().manual_seed(seed)

@@ -29,14 +29,16 @@ def cases_for(sp: int) -> dict[str, dict]:
                 cases[name] = dict(frames=frames, batch=batch, causal=causal)
     if sp == 2:  # a few variations once: the other PoM formulation, temporal patches, checkpointing
         cases["v2-causal"] = dict(frames=3, batch=3, causal=True, variant="v2")
+        cases["v2-heads-grouped-bidirectional"] = dict(frames=3, batch=3, causal=False, variant="v2",
+                                                       options=dict(n_sel_heads=4, n_groups=2))
         cases["patch_t2-not_divisible"] = dict(frames=6, batch=3, causal=True, patch_t=2)
         cases["checkpointing-bidirectional"] = dict(frames=3, batch=3, causal=False, checkpointing=True)
     return cases
 
 
 def _case(dims: ParallelDims, seed: int, *, frames: int, batch: int, causal: bool, variant: str = "v1",
-          patch_t: int = 1, checkpointing: bool = False) -> dict | None:
-    model = tiny_dit(causal=causal, seed=seed, variant=variant, patch_t=patch_t)
+          patch_t: int = 1, checkpointing: bool = False, options: dict | None = None) -> dict | None:
+    model = tiny_dit(causal=causal, seed=seed, variant=variant, patch_t=patch_t, **(options or {}))
     reference = copy.deepcopy(model)
     x = tiny_inputs(batch=batch, frames=frames, seed=seed + 1, causal=causal, patch_t=patch_t,
                     mask_last_frame=True)

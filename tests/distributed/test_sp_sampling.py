@@ -24,7 +24,9 @@ from tests.distributed.harness import (
 )
 
 CASES = {"bidirectional-euler": (False, "euler"), "bidirectional-heun": (False, "heun"),
-         "causal-euler": (True, "euler")}
+         "causal-euler": (True, "euler"), "v2-bidirectional-euler": (False, "euler"),
+         "v2-causal-euler": (True, "euler")}
+V2 = dict(variant="v2", n_sel_heads=4)  # the authors' formulation, with selection heads
 FRAMES, BATCH = 5, 2
 
 
@@ -46,7 +48,7 @@ def sampling_worker(rank: int, world_size: int) -> dict:
     dims = ParallelDims(dp=1, sp=world_size)
     results = {}
     for i, (name, (causal, solver)) in enumerate(CASES.items()):
-        model = tiny_dit(causal=causal, seed=40 + i)
+        model = tiny_dit(causal=causal, seed=40 + i, **(V2 if name.startswith("v2") else {}))
         reference = copy.deepcopy(model)
         x = tiny_inputs(batch=BATCH, frames=FRAMES, seed=50 + i, causal=causal)
         null_text, null_mask = torch.zeros(2, TEXT_DIM), torch.tensor([True, False])

@@ -43,11 +43,17 @@ def inputs(model, batch=2, frames=3, hw=(4, 6), seed=1, per_frame=True):
 
 
 def expected_parameters(c: DiTConfig) -> int:
-    """The architecture formula: every Linear is in*out + out, PoM v2 adds k * e * D coefficients."""
+    """The architecture formula: v1's Linears are in*out + out; v2 (no biases by default) has W_c
+    (D/G inputs per output when grouped, with a bias then), W_s with a bias, (e*D, k) coefficients."""
     d, state, hidden = c.width, c.degree * c.expand * c.width, int(c.width * c.mlp_ratio)
     patch = c.in_channels * c.patch_t * c.patch_size**2
-    features = (d * state + state) if c.variant == "v1" else (d * c.expand * d + c.expand * d + state)
-    pom = features + (d * state + state) + (state * d + d)  # features, gate, output
+    if c.variant == "v1":
+        pom = (d * state + state) + (d * state + state) + (state * d + d)  # features, gate, output
+    else:
+        e_d = c.expand * d
+        gate = c.n_sel_heads if c.n_sel_heads > 1 else e_d
+        w_c = d * e_d if c.n_groups == 1 else (d // c.n_groups) * e_d
+        pom = w_c + (d * gate + gate) + e_d * c.degree + e_d * d
     block = 2 * pom + (d * hidden + hidden + hidden * d + d) + (d * 9 * d + 9 * d)
     outer = (patch * d + d) + (c.freq_dim * d + d + d * d + d) + (c.text_dim * d + d + d * d + d)
     final = (d * 2 * d + 2 * d) + (d * patch + patch)
@@ -63,9 +69,9 @@ def test_every_size_builds_with_expected_parameter_count(size):
     assert sum(p.numel() for p in model.parameters()) == expected_parameters(model.config)
 
 
-@pytest.mark.parametrize("variant", ["v1", "v2"])
-def test_parameter_count_formula_on_a_real_model(variant):
-    model = tiny(variant=variant, randomise=False, patch_t=2, mlp_ratio=3.0, degree=3)
+@pytest.mark.parametrize("variant, options", [("v1", {}), ("v2", {}), ("v2", dict(n_sel_heads=4, n_groups=2))])
+def test_parameter_count_formula_on_a_real_model(variant, options):
+    model = tiny(variant=variant, randomise=False, patch_t=2, mlp_ratio=3.0, degree=3, **options)
     assert sum(p.numel() for p in model.parameters()) == expected_parameters(model.config)
 
 
@@ -161,8 +167,10 @@ def test_position_embeddings_use_the_global_frame_offset():
     assert torch.unique(full, dim=0).shape[0] == 30  # every position distinct
 
 
-def test_training_flops_match_a_flop_counter():
-    model = tiny(randomise=False, dtype=torch.float32, patch_t=2, variant="v2")
+@pytest.mark.parametrize("options", [dict(variant="v1"), dict(variant="v2"),
+                                     dict(variant="v2", n_sel_heads=4, n_groups=2)])
+def test_training_flops_match_a_flop_counter(options):
+    model = tiny(randomise=False, dtype=torch.float32, patch_t=2, **options)
     latents, t, text, mask = inputs(model, frames=3, hw=(4, 6))
     with FlopCounterMode(display=False) as counter:
         model(latents.float(), t.float(), text.float(), mask)
@@ -175,6 +183,10 @@ def test_bad_config_and_inputs_are_explained():
         DiTConfig(width=15)
     with pytest.raises(ValueError, match="DiTConfig.variant"):
         DiTConfig(variant="v9")
+    with pytest.raises(ValueError, match="need variant='v2'"):
+        DiTConfig(n_sel_heads=4)
+    with pytest.raises(ValueError, match="DiTConfig.n_groups=5 must divide width=384"):
+        DiTConfig(variant="v2", n_groups=5)
     with pytest.raises(ValueError, match="unknown DiT size"):
         build_dit("XXL")
     model = tiny()
