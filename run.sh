@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 venv="${POMVID_VENV:-.venv}"
+case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac  # POMVID_VENV may be absolute
 python="${PYTHON:-python3}"
 
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
@@ -17,7 +18,7 @@ if [ ! -f "$stamp" ]; then
   rm -f "$venv"/.pomvid-installed-*
   touch "$stamp"
 fi
-export PATH="$PWD/$venv/bin:$PATH"
+export PATH="$venv/bin:$PATH"
 
 what="${1:-}"; shift || true
 case "$what" in

@@ -83,6 +83,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from pipeline.data.precompute.run import PrecomputeError, run_precompute
     from pipeline.data.source.manifest import ManifestError
+    from pipeline.storage import StorageError
     from pipeline.tracking import TrackingError
 
     try:
@@ -102,7 +103,7 @@ def run(args) -> int:
         summary = run_precompute(config)
         _log_summary(tracker, config, summary)
         status = "FINISHED" if summary["status"] == "complete" else "FAILED"
-    except (ValueError, ManifestError, PrecomputeError, FileNotFoundError) as err:
+    except (ValueError, ManifestError, PrecomputeError, FileNotFoundError, StorageError) as err:
         print(f"pomvid precompute: {err}", file=sys.stderr)
         return 2
     finally:
@@ -115,6 +116,7 @@ def run(args) -> int:
 
 def _start_tracking(args, config):
     """An MLflow run of kind `precompute` (a no-op tracker with --tracking off or on rank != 0)."""
+    import os
     import time
 
     from pipeline.tracking import start_run
@@ -123,12 +125,23 @@ def _start_tracking(args, config):
     kwargs = tracking_kwargs(args)
     kwargs["run_name"] = kwargs["run_name"] or f"precompute-{time.strftime('%Y%m%d-%H%M%S')}"
     kwargs.pop("upload_checkpoints")
-    return start_run(config={"precompute": dataclasses.asdict(config)}, output_dir=config.output,
+    from pipeline import storage
+
+    logged = dataclasses.asdict(config)  # URIs without user:password@ (secrets never reach MLflow)
+    logged.update(manifest=storage.redact(config.manifest), output=storage.redact(config.output))
+    output_dir = None if storage.is_remote(config.output) else config.output
+    if output_dir is None and kwargs["enabled"] and not (kwargs["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise ValueError(f"--out {storage.redact(config.output)} is on object storage, which cannot hold the "
+                         "embedded MLflow store: pass --tracking-uri (or set MLFLOW_TRACKING_URI) or --tracking off")
+    return start_run(config={"precompute": logged}, output_dir=output_dir,
                      tags={"pomvid.kind": "precompute"}, **kwargs)
 
 
 def _log_summary(tracker, config, summary: dict) -> None:
+    import tempfile
     from pathlib import Path
+
+    from pipeline import storage
 
     counts = {k: summary[k] for k in ("videos_in", "clips_out", "failed_videos", "long_captions", "work_units",
                                       "work_units_written", "work_units_skipped", "clips_this_run")}
@@ -140,6 +153,11 @@ def _log_summary(tracker, config, summary: dict) -> None:
     )
     # Copied into the run's spool: a later precompute of the same folder rewrites both before a
     # `pomvid runs sync` after an outage would send them.
+    if storage.is_remote(config.output):  # the errors stay in the bucket; their counts are logged above
+        with tempfile.TemporaryDirectory(prefix="pomvid-precompute-") as folder:
+            local = storage.get_file(storage.join(config.output, "manifest.json"), Path(folder) / "manifest.json")
+            tracker.log_artifact(local, snapshot=True)
+        return
     errors = Path(config.output) / "errors"
     if errors.is_dir() and any(errors.iterdir()):
         tracker.log_artifact(errors, "errors", snapshot=True)  # every failed video with its reason

@@ -106,7 +106,13 @@ def build_trainer(config: RunConfig, *, resume: str = "none", user_deepspeed_con
     config.layout(int(os.environ.get("WORLD_SIZE", "1")))
     if not config.data.path:
         raise ConfigError("data.path is empty: pass --data FOLDER (a `pomvid precompute` output)")
-    if not Path(config.data.path, "manifest.json").is_file():
+    if storage.is_remote(config.data.path):
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            storage.preflight(config.data.path, write=False)  # one clear error per node before anything slow
+        if not storage.exists(storage.join(config.data.path, "manifest.json")):
+            raise ConfigError(f"data.path={storage.redact(config.data.path)}: no manifest.json there; is it a "
+                              "`pomvid precompute` output?")
+    elif not Path(config.data.path, "manifest.json").is_file():
         raise ConfigError(f"data.path={config.data.path}: no manifest.json there; is it a `pomvid precompute` output?")
     output_dir = Path(config.train.output_dir)
     ckpt_root = output_dir / "checkpoints"

@@ -76,6 +76,23 @@ def start_cluster(num_cpus: int = 2) -> RayCluster:
     return RayCluster(address=address, gcs_address=f"127.0.0.1:{gcs_port}", token=token, env=env, temp_dir=temp_dir)
 
 
+def add_node(cluster: RayCluster, *, num_cpus: int = 2, resources: dict | None = None) -> None:
+    """A second node joining `cluster` on this machine (`ray start --address`, token auth like the
+    head) with its own CPUs and custom resources; `stop_cluster` stops it with the head."""
+    import json
+
+    command = [
+        str(Path(sys.executable).parent / "ray"), "start", f"--address={cluster.gcs_address}",
+        "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0",
+        f"--resources={json.dumps(resources or {})}", f"--dashboard-agent-listen-port={free_port()}",
+        "--disable-usage-stats",
+    ]
+    env = {k: v for k, v in cluster.env.items() if k != "RAY_ADDRESS"}
+    started = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    if started.returncode != 0:
+        raise RuntimeError(f"ray start --address failed:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}")
+
+
 def _wait_for_job_server(address: str, token: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     request = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})

@@ -48,14 +48,15 @@ def _wait_all(launchers: list[subprocess.Popen]) -> list[int]:
 
 
 def _train_two_nodes(tmp_path: Path, outs: list[Path], *, extra: list[str] = (), env: dict | None = None,
-                     name: str = "") -> tuple[list[int], list[Path], str]:
+                     name: str = "", data: str | Path | None = None) -> tuple[list[int], list[Path], str]:
     """Both launchers, node n training into outs[n] (the same folder twice: a shared disk); returns
-    (exit codes, logs, their tails for assertion messages)."""
+    (exit codes, logs, their tails for assertion messages). `data`: the latents (train_runs' folder
+    by default; an s3:// copy for nodes without a shared disk)."""
     env = env or cpu_env(TMPDIR=str(tmp_path))  # the generated hostfile lands in the test's folder
     port = free_port()
     logs = [tmp_path / f"{name}node{rank}.log" for rank in (0, 1)]
     # the arguments of train_runs' runs: 6 steps, dp=2, ZeRO-2
-    launchers = [_start(rank, port, common_args(train_runs.data(), outs[rank], extra=extra), logs[rank], env)
+    launchers = [_start(rank, port, common_args(data or train_runs.data(), outs[rank], extra=extra), logs[rank], env)
                  for rank in (0, 1)]
     codes = _wait_all(launchers)
     output = "\n".join(f"--- node {rank} (exit {code})\n{logs[rank].read_text()[-5000:]}"
@@ -85,17 +86,22 @@ def test_node_local_folders_without_mirror_stop_at_start(tmp_path):
 
 
 def test_two_launchers_one_per_node_train_together_and_resume_from_the_mirror(tmp_path, s3_server):
-    """Two nodes with their own disks and a checkpoint mirror: they train together, checkpoint to the
-    mirror, and fresh nodes (empty folders) resume from it with the losses of an uninterrupted run."""
+    """Two nodes with their own disks, latents on object storage and a checkpoint mirror: they train
+    together (reading the latents from s3://), checkpoint to the mirror, and fresh nodes (empty folders)
+    resume from it with the losses of an uninterrupted run on the local latents."""
     bucket = s3_server.create_bucket("mirror")
     mirror = f"s3://{bucket}/runs/two-nodes"
+    local_data = train_runs.data()
+    for file in sorted(p for p in local_data.rglob("*") if p.is_file()):  # the same latents, in the bucket
+        s3_server.client().upload_file(str(file), bucket, f"latents/{file.relative_to(local_data)}")
+    data = f"s3://{bucket}/latents"
     env = cpu_env(TMPDIR=str(tmp_path), **s3_server.env)
     outs = [tmp_path / "node0" / "run", tmp_path / "node1" / "run"]
     extra = ["--set", f"train.checkpoint_mirror={mirror}", "--set", "train.keep_checkpoints=1"]
 
     # Steps 1-3, stopping with the checkpoint of step 3 (then the "nodes" go away).
     codes, logs, output = _train_two_nodes(tmp_path, outs, extra=[*extra, "--set", "train.stop_at=3"], env=env,
-                                           name="first-")
+                                           name="first-", data=data)
     assert codes == [0, 0], output
     # The generated hostfile: 2 nodes of 1 process; each launcher ran its own node's rank only ...
     assert (tmp_path / "pomvid-hostfile-2x1").read_text().split("\n")[:2] == ["node-0 slots=1", "node-1 slots=1"]
@@ -123,7 +129,7 @@ def test_two_launchers_one_per_node_train_together_and_resume_from_the_mirror(tm
     for out in outs:
         shutil.rmtree(out)
     codes, logs, output = _train_two_nodes(tmp_path, outs, extra=[*extra, "--resume", "auto"], env=env,
-                                           name="resumed-")
+                                           name="resumed-", data=data)
     assert codes == [0, 0], output
     assert "resuming from the mirrored checkpoint step 3" in logs[0].read_text(), output
     _assert_like_reference(outs[0], [4, 5, 6])

@@ -34,7 +34,7 @@ from pipeline.data.precompute.run import PrecomputeError, run_precompute
 from pipeline.data.store.index import read_index
 from pipeline.data.store.shards import read_errors, read_output_manifest, read_samples, read_shard
 from pipeline.data.store.text_conditioning import read_text_conditioning
-from tests.integration.ray_cluster import start_cluster
+from tests.integration.ray_cluster import add_node, start_cluster
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -324,3 +324,83 @@ def test_killed_decode_worker_and_encoder_actor_are_redone_byte_for_byte(pixel_r
     assert result.get("code") == 0
     assert shard_bytes(output) == shard_bytes(reference)  # same ids, same latent and text bytes
     assert read_index(output).num_rows == len(inputs["rows"])  # every unit once
+
+
+def test_two_node_cluster_s3_videos_to_s3_output_sigkill_and_resume(pixel_run, inputs, s3_server, tmp_path,
+                                                                    monkeypatch):
+    """Object storage on a cluster of two nodes (head + `ray start --address`, token auth): a local
+    output is refused before any work; the videos and their manifest (relative paths) in a bucket,
+    the output in a bucket, SIGKILL halfway, the same command again: the latents and text embeddings
+    equal the local run's, shard for shard, and both nodes decoded or wrote work units."""
+    reference = pixel_run[0]
+    bucket = s3_server.create_bucket("precompute")
+    client = s3_server.client()
+    rows = []
+    for i, (path, caption) in enumerate(inputs["rows"]):
+        key = f"videos/{i:02d}-{Path(path).name}"
+        if Path(path).is_file():  # the "missing" video stays missing in the bucket too
+            client.upload_file(path, bucket, f"data/{key}")
+        rows.append((key, caption))  # relative to the manifest's location
+    text = io.StringIO()
+    csv.writer(text).writerows([("video", "caption"), *rows])
+    client.put_object(Bucket=bucket, Key="data/videos.csv", Body=text.getvalue().encode())
+    manifest, output = f"s3://{bucket}/data/videos.csv", f"s3://{bucket}/latents"
+
+    # Every node has the store's endpoint and credentials in its environment (a Kubernetes Secret, a
+    # `ray up` setup command), and so has this process (pipeline.storage reads them back below).
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    cluster = start_cluster(num_cpus=2)
+    try:
+        add_node(cluster, num_cpus=2)
+        env = {**cluster.env, "RAY_ADDRESS": cluster.gcs_address}
+        job = [sys.executable, "jobs/precompute_latents.py", "--tracking", "off"]
+
+        # A local output on two nodes: refused before anything is written.
+        local = tmp_path / "local-latents"
+        refused = subprocess.run([*job, *pixel_args(inputs, local)], cwd=ROOT, env=env, capture_output=True,
+                                 text=True, timeout=300)
+        assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-3000:]
+        assert "the Ray cluster has 2 nodes" in refused.stderr and "--output-is-shared" in refused.stderr
+        assert "s3://" in refused.stderr and not local.exists()
+
+        args = [*job, *pixel_args(inputs, output), "--manifest", manifest]
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        total = len(rows)
+        shards = lambda: [k for k in s3_server.list_keys(bucket, "latents/shards/") if k.endswith(".parquet")]  # noqa: E731
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and proc.poll() is None and len(shards()) < 2:
+                time.sleep(0.1)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        done = len(shards())
+        assert 2 <= done < total, f"{done} of {total} shards when killed: not halfway"
+
+        summary_file = tmp_path / "summary.json"
+        resumed = subprocess.run([*args, "--summary-json", str(summary_file)], cwd=ROOT, env=env,
+                                 capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    finally:
+        stop_only(cluster)
+    summary = json.loads(summary_file.read_text())
+    assert summary["status"] == "complete" and summary["work_units_skipped"] == done
+    assert summary["work_units_written"] == total - done and summary["clips_out"] == len(GOOD)
+    assert len(summary["nodes"]) == 2, summary["nodes"]  # decode/write tasks ran on both nodes
+    assert s3_server.env["AWS_SECRET_ACCESS_KEY"] not in resumed.stdout + resumed.stderr
+    keys = s3_server.list_keys(bucket, "latents/")
+    assert {"latents/manifest.json", "latents/index.parquet", "latents/text_conditioning.safetensors"} <= set(keys)
+    files = [k for k in keys if not k.endswith("/")]  # pyarrow may leave empty "folder/" markers
+    assert not any("/plan/" in k or "/index_parts/" in k or ".tmp" in k or "preflight" in k for k in files), keys
+
+    # The same numbers as the local run (unit ids differ: they hash the videos' paths).
+    def numbers(root):
+        files = read_index(root, columns=["file"]).column("file").to_pylist()
+        return [tuple(read_shard(f"{root}/{f}").column(c).to_pylist() for c in ("latent", "text")) for f in files]
+
+    assert numbers(output) == numbers(reference)
+    assert sorted(e["reason"] for e in read_errors(output)) == sorted(e["reason"] for e in read_errors(reference))
+    # The loader of training reads the shards from the bucket.
+    batches = list(LatentLoader(LatentDataset(output), batch_size=1, dp_rank=0, dp_size=1, seed=0))
+    assert len(batches) == len(GOOD)

@@ -113,3 +113,51 @@ def test_preflight_wrong_credentials(tmp_path, monkeypatch):
         assert key["SecretAccessKey"] not in message
     finally:
         server.stop()
+
+
+def test_precompute_checks_its_storage_before_any_work(s3_env, tmp_path, capsys):
+    """`pomvid precompute` with a manifest or an output in a missing bucket: one clear error, exit 2,
+    nothing started (no Ray, nothing written), no secret printed."""
+    from pipeline.cli import main as pomvid
+
+    bucket = s3_env.create_bucket("precompute-preflight")
+    flags = ["--buckets", "9x32x32", "--vae", "pixel", "--text-encoder", "clip", "--text-encoder-path", str(tmp_path),
+             "--tracking", "off", "--no-progress"]
+    missing = "s3://pomvid-no-such-bucket-3f9a"
+    assert pomvid(["precompute", "--manifest", f"{missing}/videos.csv", "--out", f"s3://{bucket}/latents", *flags]) == 2
+    error = capsys.readouterr().err
+    assert f"{missing}: the bucket 'pomvid-no-such-bucket-3f9a' does not exist" in error, error
+    assert pomvid(["precompute", "--manifest", f"s3://{bucket}/videos.csv", "--out", f"{missing}/latents",
+                   *flags]) == 2
+    error = capsys.readouterr().err
+    assert "s3://" in error and "no such manifest" in error, error  # the manifest is checked first
+    s3_env.client().put_object(Bucket=bucket, Key="videos.csv", Body=b"video,caption\na.mp4,a cat\n")
+    assert pomvid(["precompute", "--manifest", f"s3://{bucket}/videos.csv", "--out", f"{missing}/latents",
+                   *flags]) == 2
+    error = capsys.readouterr().err
+    assert f"{missing}/latents: the bucket" in error and "does not exist" in error, error
+    assert s3_env.secret_access_key not in error
+    assert s3_env.list_keys(bucket) == ["videos.csv"]  # nothing written
+
+
+def test_precompute_plans_a_manifest_folder_on_s3(s3_env, tmp_path, capsys):
+    """A manifest given as a prefix of part files in a bucket is read part by part, in name order
+    (`--plan-only`: nothing decoded, no Ray); the URI is printed without credentials."""
+    import json as json_module
+
+    from pipeline.cli import main as pomvid
+
+    bucket = s3_env.create_bucket("precompute-parts")
+    client = s3_env.client()
+    client.put_object(Bucket=bucket, Key="data/parts/part-0.csv", Body=b"video,caption\na.mp4,a\nb.mp4,b\n")
+    client.put_object(Bucket=bucket, Key="data/parts/part-1.csv", Body=b"video,caption\nclips/c.mp4,c\n")
+    summary = tmp_path / "summary.json"
+    code = pomvid(["precompute", "--plan-only", "--manifest", f"s3://{bucket}/data/parts", "--out",
+                   f"s3://{bucket}/latents", "--buckets", "9x32x32", "--vae", "pixel", "--text-encoder", "clip",
+                   "--text-encoder-path", str(tmp_path), "--rows-per-work-unit", "2", "--tracking", "off",
+                   "--summary-json", str(summary)])
+    assert code == 0
+    counts = json_module.loads(summary.read_text())
+    assert counts["videos_in"] == 3 and counts["work_units"] == 2 and counts["work_units_pending"] == 2
+    assert f"precompute plan: s3://{bucket}/data/parts -> s3://{bucket}/latents" in capsys.readouterr().out
+    assert s3_env.list_keys(bucket, "latents/") == []  # --plan-only writes nothing

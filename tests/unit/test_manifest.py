@@ -85,7 +85,7 @@ BAD_ROWS = {  # name -> (second row, column named, words the message must hold)
     "unknown extension": ({**GOOD, "video": "b.docx"}, "video", "unknown video extension '.docx'"),
     "no extension": ({**GOOD, "video": "b"}, "video", "unknown video extension"),
     "empty path": ({**GOOD, "video": ""}, "video", "empty"),
-    "remote url": ({**GOOD, "video": "s3://bucket/b.mp4"}, "video", "only local paths"),
+    "unknown scheme": ({**GOOD, "video": "ftp://host/b.mp4"}, "video", "unknown storage scheme ftp://"),
 }
 
 

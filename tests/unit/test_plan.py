@@ -98,3 +98,23 @@ def test_twenty_thousand_rows_plan_and_plan_only_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "videos in         20000" in printed and "to do             1250  (20000 videos)" in printed
     assert not out.exists()  # nothing written, nothing started
+
+
+def test_video_paths_on_object_storage(tmp_path):
+    """Relative paths of a manifest on object storage resolve against its prefix (the key folded like a
+    path), absolute s3:// paths stay, and a scheme pyarrow cannot read is refused with the row."""
+    from pipeline.data.source.manifest import normalize_video_path
+    from pipeline.data.source.plan import _checked_rows
+
+    table = pa.table({"video": ["clips/a.mp4", "../other/b.mp4", "s3://elsewhere/c.mp4", "/local/d.mp4"],
+                      "caption": ["a", "b", "c", "d"]})
+    cols = {"video": "video", "caption": "caption", "start": "start", "end": "end"}
+    paths = _checked_rows(table, cols, "s3://bucket/data").column("path").to_pylist()
+    assert [normalize_video_path(p) for p in paths] == [
+        "s3://bucket/data/clips/a.mp4", "s3://bucket/other/b.mp4", "s3://elsewhere/c.mp4", "/local/d.mp4"]
+    with pytest.raises(ValueError):
+        _checked_rows(pa.table({"video": ["ftp://host/e.mp4"], "caption": ["e"]}), cols, "/data")
+    manifest = write_manifest(tmp_path / "m.csv", [{**GOOD, "video": "http://host/e.mp4"}])
+    with pytest.raises(ManifestError, match="unknown storage scheme http://") as info:
+        list(manifest_batches(manifest))
+    assert info.value.row == 0 and info.value.column == "video"

@@ -172,3 +172,20 @@ def test_a_hanging_decode_is_recorded_as_timeout_and_the_unit_goes_on(test_video
     assert "longer than 1.5 s" in meta["errors"][0]["message"]
     assert sorted(c["source_row"] for c in meta["clips"]) == [0, 2]  # the videos around it are decoded
     assert time.monotonic() - began < 30
+
+
+def test_local_output_on_a_multi_node_cluster_is_refused(tmp_path):
+    from pipeline.data.precompute.checks import PrecomputeError, check_output_is_shared
+
+    (tmp_path / "m.csv").write_text("video,caption\na.mp4,a\n")
+    base = dict(manifest=str(tmp_path / "m.csv"), buckets=BUCKETS, vae="pixel", text_encoder="clip",
+                text_encoder_path=str(tmp_path))
+    nodes = [{"Alive": True, "NodeManagerAddress": "10.0.0.1"}, {"Alive": True, "NodeManagerAddress": "10.0.0.2"}]
+    local = PrecomputeConfig(**base, output=str(tmp_path / "out"))
+    with pytest.raises(PrecomputeError, match="2 nodes") as info:
+        check_output_is_shared(local, nodes)
+    message = str(info.value)
+    assert "10.0.0.1, 10.0.0.2" in message and "s3://" in message and "--output-is-shared" in message
+    check_output_is_shared(local, nodes[:1] + [{"Alive": False, "NodeManagerAddress": "10.0.0.2"}])  # one alive
+    check_output_is_shared(PrecomputeConfig(**base, output=str(tmp_path / "out"), output_is_shared=True), nodes)
+    check_output_is_shared(PrecomputeConfig(**base, output="s3://bucket/latents"), nodes)

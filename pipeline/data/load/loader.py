@@ -30,9 +30,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from pipeline import storage
 from pipeline.data.load.prefetch import Prefetcher
 from pipeline.data.store.index import read_index
-from pipeline.data.store.shards import ShardError, bytes_to_view, read_output_manifest
+from pipeline.data.store.shards import ShardError, bytes_to_view, location, read_output_manifest
 
 STATE_VERSION = 1
 
@@ -41,7 +42,9 @@ class LatentDataset:
     """Samples of a precompute output folder; `dataset[i]` reads sample i lazily."""
 
     def __init__(self, root: str | Path, *, max_open_files: int = 64):
-        self.root = Path(root)
+        # A local folder, or object storage (s3://bucket/latents: pyarrow reads the shards through the
+        # storage layer's file system, credentials and endpoint from the standard environment).
+        self.root = root if storage.is_remote(root) else Path(root)
         manifest = read_output_manifest(self.root)
         if manifest is None:
             raise ShardError(f"{self.root}: no manifest.json; is this a `pomvid precompute` output folder?")
@@ -53,7 +56,7 @@ class LatentDataset:
         self.manifest = manifest
         self.bucket_keys: list[str] = [b["key"] for b in manifest["buckets"]]
         index = read_index(self.root, columns=["file", "rows", "clips_per_bucket"])
-        self.shard_files: list[Path] = [self.root / f for f in index.column("file").to_pylist()]
+        self.shard_files: list[Path | str] = [location(self.root, f) for f in index.column("file").to_pylist()]
         rows = np.asarray(index.column("rows"), dtype=np.int64)  # (S,)
         n_buckets = len(self.bucket_keys)
         counts = np.asarray(pc.list_flatten(index.column("clips_per_bucket")), dtype=np.int64)
@@ -64,7 +67,7 @@ class LatentDataset:
         if len(bad):
             s = int(bad[0])
             raise ShardError(
-                f"{self.root}/index.parquet: shard {self.shard_files[s].name} has bucket counts "
+                f"{self.root}/index.parquet: shard {str(self.shard_files[s]).rsplit('/', 1)[-1]} has bucket counts "
                 f"{index.column('clips_per_bucket')[s].as_py()} that do not match its {rows[s]} rows or the "
                 f"{n_buckets} buckets of manifest.json; run precompute again with --overwrite"
             )
@@ -106,9 +109,14 @@ class LatentDataset:
             files.move_to_end(s)
             return files[s]
         try:
-            pf = pq.ParquetFile(self.shard_files[s], memory_map=True)
-        except OSError as err:
-            raise ShardError(f"{self.shard_files[s]}: cannot open shard ({err}); run precompute again") from err
+            if storage.is_remote(self.shard_files[s]):
+                # Read ranges on demand (one request per read_row_groups call), not the whole object.
+                filesystem, path = storage.resolve(self.shard_files[s])
+                pf = pq.ParquetFile(filesystem.open_input_file(path))
+            else:
+                pf = pq.ParquetFile(self.shard_files[s], memory_map=True)
+        except (OSError, storage.StorageError) as err:
+            raise ShardError(f"{storage.redact(self.shard_files[s])}: cannot open shard ({err}); run precompute again") from err
         starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]).tolist()
         files[s] = (pf, starts)
         if len(files) > self._max_open:

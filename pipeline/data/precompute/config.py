@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from pipeline.data.decode.buckets import BucketTable, parse_buckets
+from pipeline.storage import is_remote
 
 VAE_KINDS = ("cogvideox", "frame_kl", "pixel")
 TEXT_KINDS = ("t5", "clip")
@@ -105,18 +106,26 @@ class PrecomputeConfig:
     """Ray cluster to join; None: $RAY_ADDRESS if set (a Ray job), otherwise a local Ray."""
     ray_num_cpus: int | None = None
     """CPUs of the local Ray started when there is no cluster; None: all of this machine's."""
+    output_is_shared: bool = False
+    """The local output path is a file system every node of the Ray cluster mounts (NFS, Lustre, a
+    shared PVC). Without it, a local output on a cluster of several nodes is refused before any work:
+    each node would write its shards to its own disk. Not needed for s3:// (or gs://, abfs://) outputs."""
     progress: bool = True
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
         if not self.manifest:
             raise ValueError("PrecomputeConfig.manifest is empty: give a manifest file or a video folder")
-        if not os.path.exists(self.manifest):
+        # On object storage (s3://...) the manifest is checked by the run's preflight, with the credentials.
+        if not is_remote(self.manifest) and not os.path.exists(self.manifest):
             raise ValueError(f"PrecomputeConfig.manifest={self.manifest!r} does not exist: give a manifest "
                              "file (.csv, .jsonl, .parquet) or a folder of videos")
         if not self.output:
             raise ValueError("PrecomputeConfig.output is empty: give the output folder")
-        self.manifest, self.output = os.path.abspath(self.manifest), os.path.abspath(self.output)
+        if not is_remote(self.manifest):
+            self.manifest = os.path.abspath(self.manifest)
+        if not is_remote(self.output):
+            self.output = os.path.abspath(self.output)
         try:
             self.bucket_table()
         except ValueError as err:

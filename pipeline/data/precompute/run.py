@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import pyarrow.compute as pc
 
+from pipeline import storage
 from pipeline.data.encode.fingerprint import NON_IDENTITY_FIELDS, fingerprint_diff
+from pipeline.data.precompute.checks import PrecomputeError, check_output_is_shared, preflight
 from pipeline.data.precompute.config import PrecomputeConfig
 from pipeline.data.precompute.stages import (
     TextStage,
@@ -44,12 +45,9 @@ from pipeline.data.store.shards import (
 )
 from pipeline.data.store.text_conditioning import from_bytes, write_text_conditioning
 
-__all__ = ["PrecomputeConfig", "PrecomputeError", "run_precompute", "format_summary"]
+__all__ = ["PrecomputeConfig", "PrecomputeError", "check_output_is_shared", "format_summary", "preflight",
+           "run_precompute"]
 SETTING_FIELDS = ("fps", "clips_per_video", "storage_dtype", "rows_per_work_unit")
-
-
-class PrecomputeError(RuntimeError):
-    """A run that cannot start: e.g. an output made with other encoders, buckets or settings."""
 
 
 def _init_ray(config: PrecomputeConfig) -> bool:
@@ -212,7 +210,7 @@ def build_output_manifest(config: PrecomputeConfig, vae: dict, text: dict, recor
                      "latent_shape": vae["latent_shapes"][b.name]} for b in table],
         "settings": {**settings, "decode_backend": config.decode_backend},
         "settings_hash": stable_hash(identity),
-        "input": {"manifest": config.manifest, "records": records},
+        "input": {"manifest": storage.redact(config.manifest), "records": records},
     }
 
 
@@ -233,12 +231,10 @@ def prepare_output(config: PrecomputeConfig, manifest: dict,
     """Refuse an output made differently (unless overwrite), clear it if asked, write the provisional
     manifest. Returns the unit ids with a finished shard, from the run's one listing of the output
     (`listing`: list_output's result when the caller listed already)."""
-    out = Path(config.output)
+    out, shown = config.output, storage.redact(config.output)
     if config.overwrite:
-        for folder in (SHARDS_DIR, ERRORS_DIR, INDEX_PARTS_DIR):
-            shutil.rmtree(out / folder, ignore_errors=True)
-        for name in (MANIFEST_NAME, INDEX_NAME):
-            (out / name).unlink(missing_ok=True)
+        for name in (SHARDS_DIR, ERRORS_DIR, INDEX_PARTS_DIR, MANIFEST_NAME, INDEX_NAME):
+            storage.delete(storage.join(out, name))
         finished = []
     else:
         try:
@@ -249,16 +245,17 @@ def prepare_output(config: PrecomputeConfig, manifest: dict,
             diffs = _differences(existing, manifest)
             if diffs:
                 raise PrecomputeError(
-                    f"{out} was made with other encoders, buckets or settings:\n  " + "\n  ".join(diffs)
+                    f"{shown} was made with other encoders, buckets or settings:\n  " + "\n  ".join(diffs)
                     + "\nIts latents would not match this run's. Pass --overwrite (overwrite=True) to delete "
                     "them and start again, or choose another output folder.")
         finished, leftovers = listing or list_output(out)
         if existing is None and finished:
-            raise PrecomputeError(f"{out} holds shards but no {MANIFEST_NAME}, so nobody knows how they were made; "
+            raise PrecomputeError(f"{shown} holds shards but no {MANIFEST_NAME}, so nobody knows how they were made; "
                                   "pass --overwrite to delete them, or choose another output folder")
-        for path in leftovers:  # left by a killed writer; never a finished file
+        for path in leftovers:  # left by a killed writer (local folders only); never a finished file
             Path(path).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    if not storage.is_remote(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
     write_output_manifest(out, manifest)
     return finished
 
@@ -275,14 +272,15 @@ def _run_pipeline(config: PrecomputeConfig, plan: Plan, vae_fp: dict, text_fp: d
     import ray
     from tqdm import tqdm
 
-    stats = {"units": 0, "videos": 0, "clips": 0, "failures": {}, "arrivals": [], "written": []}
+    stats = {"units": 0, "videos": 0, "clips": 0, "failures": {}, "arrivals": [], "written": [], "nodes": set()}
     if not plan.pending:
         return stats
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours below counts units and clips; Ray's would interleave with it
     decode_compute = ray.data.TaskPoolStrategy(size=config.decode_concurrency) if config.decode_concurrency else None
     # The plan's files are read in the cluster: the driver never holds the units' rows.
-    ds = ray.data.read_parquet(plan.plan_files)
+    filesystem, _ = storage.resolve(config.output)  # credentials and endpoint from this environment
+    ds = ray.data.read_parquet([storage.resolve(f)[1] for f in plan.plan_files], filesystem=filesystem)
     # A decode task reserves the memory its unit's clips take. Besides guarding against OOM, this keeps
     # Ray Data from fusing the decode tasks into the VAE actors (it fuses ops with equal resources):
     # fused, the VAE would sit idle during every decode.
@@ -320,6 +318,7 @@ def _run_pipeline(config: PrecomputeConfig, plan: Plan, vae_fp: dict, text_fp: d
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             appender.add(batch)
             stats["written"] += batch.column("unit_id").to_pylist()
+            stats["nodes"].update(batch.column("decode_node").to_pylist() + batch.column("write_node").to_pylist())
             clips = int(pc.sum(batch.column("rows")).as_py() or 0)
             stats["units"] += batch.num_rows
             stats["videos"] += int(pc.sum(batch.column("videos")).as_py() or 0)
@@ -357,7 +356,7 @@ def plan_precompute(config: PrecomputeConfig, *, write: bool) -> tuple[Plan, tup
 
 def format_plan(config: PrecomputeConfig, plan: Plan, seconds: float) -> str:
     return "\n".join([
-        f"precompute plan: {config.manifest} -> {config.output}",
+        f"precompute plan: {storage.redact(config.manifest)} -> {storage.redact(config.output)}",
         f"  videos in         {plan.records}",
         f"  work units        {plan.units}  ({config.rows_per_work_unit} rows each)",
         f"  already done      {plan.finished}" + ("  (--overwrite: none kept)" if config.overwrite else ""),
@@ -370,16 +369,20 @@ def run_precompute(config: PrecomputeConfig) -> dict:
     """Run (or resume) a precomputation; prints and returns the summary (see `format_summary`).
     With `config.plan_only`: plans, prints and returns the counts, and starts nothing."""
     start = time.time()
-    plan, listing = plan_precompute(config, write=not config.plan_only)
+    preflight(config)
     if config.plan_only:
+        plan, _ = plan_precompute(config, write=False)
         print(format_plan(config, plan, time.time() - start), flush=True)
-        return {"status": "planned", "output": config.output, "videos_in": plan.records, "work_units": plan.units,
-                "work_units_skipped": plan.finished, "work_units_pending": plan.pending,
+        return {"status": "planned", "output": storage.redact(config.output), "videos_in": plan.records,
+                "work_units": plan.units, "work_units_skipped": plan.finished, "work_units_pending": plan.pending,
                 "videos_pending": plan.pending_rows, "total_seconds": round(time.time() - start, 3)}
     import ray
 
     started_ray = _init_ray(config)
+    plan_dir = storage.join(config.output, PLAN_DIR)
     try:
+        check_output_is_shared(config, ray.nodes())  # before anything is written
+        plan, listing = plan_precompute(config, write=True)
         if not started_ray:  # a cluster we joined
             warn_if_cluster_too_small(config, ray.cluster_resources().get("CPU", 0))
         need, have = max(config.num_gpus_per_actor, config.text_gpus), ray.cluster_resources().get("GPU", 0)
@@ -391,7 +394,7 @@ def run_precompute(config: PrecomputeConfig) -> dict:
         try:
             finished = prepare_output(config, manifest, listing)
         except PrecomputeError:
-            shutil.rmtree(Path(config.output) / PLAN_DIR, ignore_errors=True)  # the refused run's own plan
+            storage.delete(plan_dir)  # the refused run's own plan
             raise
         write_text_conditioning(config.output, from_bytes(text.pop("conditioning"), source="the text encoder"))
         pipeline_start = time.time()
@@ -399,13 +402,13 @@ def run_precompute(config: PrecomputeConfig) -> dict:
         seconds = time.time() - pipeline_start
         # Units written now are known from the pipeline's own rows: no second listing of the output.
         final = finish_manifest(config.output, manifest, plan.unit_ids, finished=finished + stats["written"])
-        shutil.rmtree(Path(config.output) / PLAN_DIR, ignore_errors=True)
+        storage.delete(plan_dir)
     finally:
         if started_ray:
             ray.shutdown()
     totals = final["totals"]
     summary = {
-        "output": config.output,
+        "output": storage.redact(config.output),
         "status": final["status"],
         "videos_in": plan.records,
         "work_units": plan.units,
@@ -420,6 +423,7 @@ def run_precompute(config: PrecomputeConfig) -> dict:
         "long_caption_examples": totals["long_caption_examples"],
         "text_max_length": text["max_length"],
         "failures_by_reason": totals["failures_by_reason"],
+        "nodes": sorted(n for n in stats["nodes"] if n),  # Ray nodes that decoded or wrote units this run
         "pipeline_seconds": round(seconds, 3),
         "total_seconds": round(time.time() - start, 3),
         "clips_per_second": round(stats["clips"] / seconds, 3) if stats["clips"] else 0.0,
@@ -450,6 +454,7 @@ def format_summary(summary: dict) -> str:
         f"  captions cut      {summary['long_captions']}  (clips whose caption has more than the text encoder's "
         f"{summary['text_max_length']} tokens)" + "".join(f"\n                    e.g. {c[:100]!r}"
                                                          for c in summary["long_caption_examples"][:3]),
+        f"  Ray nodes         {len(summary['nodes'])}  (decoded or wrote work units this run)",
         f"  clips per second  {summary['clips_per_second']:.2f}  ({summary['clips_this_run']} clips in "
         f"{summary['pipeline_seconds']:.1f} s; {summary['total_seconds']:.1f} s with start-up; "
         + (f"{summary['steady_clips_per_second']:.2f} once running)" if summary["steady_clips_per_second"]

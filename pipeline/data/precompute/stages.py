@@ -14,12 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import threading
 import time
 
 import numpy as np
 
-from pipeline.data.source.manifest import VideoRecord
+from pipeline import storage
+from pipeline.data.source.manifest import VideoRecord, normalize_video_path
 from pipeline.data.store.shards import (
     ShardRow,
     errors_path,
@@ -94,16 +96,29 @@ def decode_units(batch, *, buckets: str, fps: float, clips_per_video: int, backe
         clips, errors, arrays = [], [], []
         for row_in_unit, fields in enumerate(videos):
             video_id = unit_video_id(unit_id, row_in_unit)
-            record = VideoRecord(path=os.path.normpath(os.path.expanduser(fields["path"])), caption=fields["caption"],
+            record = VideoRecord(path=normalize_video_path(fields["path"]), caption=fields["caption"],
                                  start=fields["start"], end=fields["end"], source_row=fields["source_row"],
                                  source=source)
             def decode(record=record):
+                if not storage.is_remote(record.path):
+                    return decode_file(record, record.path)
+                # decord and PyAV read files: fetch the object (inside the timeout: a stalled download
+                # counts as a hung decode), decode, and delete it whatever happens.
+                with tempfile.TemporaryDirectory(prefix="pomvid-video-") as folder:
+                    local = os.path.join(folder, "video" + os.path.splitext(record.path)[1])
+                    try:
+                        storage.get_file(record.path, local)
+                    except storage.StorageError as err:
+                        raise DecodeError("missing" if "no such file" in str(err) else "unreadable", str(err)) from None
+                    return decode_file(record, local)
+
+            def decode_file(record, path):
                 # One open: probed from its packets, then decoded from the same handle (VideoFile).
-                with VideoFile(record.path) as video:
+                with VideoFile(path) as video:
                     info = video.info  # size as shown (rotation applied): a phone video is portrait
                     plans = plan_clips(record, info, table, fps, clips_per_video)
                     bucket = plans[0].bucket  # one video, one bucket; its clips share one decoding pass
-                    return plans, decode_clips(record.path, starts=[p.start for p in plans], frames=bucket.frames,
+                    return plans, decode_clips(path, starts=[p.start for p in plans], frames=bucket.frames,
                                                height=bucket.height, width=bucket.width, fps=fps, backend=backend,
                                                uint8=True, rotation=info.rotation, video=video)  # (3, T, H, W) uint8
 
@@ -127,11 +142,19 @@ def decode_units(batch, *, buckets: str, fps: float, clips_per_video: int, backe
                 arrays.append(array)
         # Shard rows go by bucket (table order), then manifest row, then clip: the loader relies on it.
         ranked = sorted(range(len(clips)), key=lambda i: clips[i].pop("_sort"))
-        meta = {"videos": len(videos), "clips": [clips[i] for i in ranked], "errors": errors}
+        meta = {"videos": len(videos), "clips": [clips[i] for i in ranked], "errors": errors,
+                "decode_node": node_id()}
         out["unit_id"].append(unit_id)
         out["meta"].append(json.dumps(meta))
         out["video"].append(_flat([arrays[i] for i in ranked], np.uint8))
     return {"unit_id": np.array(out["unit_id"]), "meta": np.array(out["meta"]), "video": _objects(out["video"])}
+
+
+def node_id() -> str:
+    """The Ray node this task runs on ("" outside Ray): the summary counts the nodes that did the work."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def _set_threads(num_cpus: float) -> None:
@@ -274,7 +297,7 @@ def write_units(batch: dict, *, output: str, storage_dtype: str, bucket_keys: li
         if meta["errors"]:
             write_jsonl_atomic(errors_path(output, unit_id), [{"unit_id": unit_id, **e} for e in meta["errors"]])
         else:  # a file fixed since an interrupted attempt must not stay listed as failed
-            errors_path(output, unit_id).unlink(missing_ok=True)
+            storage.delete(errors_path(output, unit_id))
         shard_meta = {"unit_id": unit_id, "videos": meta["videos"], "buckets": buckets, "failures": failures,
                       "long_captions": meta.get("long_captions", 0),
                       "long_caption_examples": meta.get("long_caption_examples", [])}
@@ -288,4 +311,8 @@ def write_units(batch: dict, *, output: str, storage_dtype: str, bucket_keys: li
         cols["long_captions"].append(shard_meta["long_captions"])
         cols["long_caption_examples"].append(shard_meta["long_caption_examples"])
     table = index_table(cols)
-    return table.append_column("written_at", pa.array([time.time()] * table.num_rows, pa.float64()))
+    table = table.append_column("written_at", pa.array([time.time()] * table.num_rows, pa.float64()))
+    # Where each unit was decoded and written (not stored in the index: the summary reports the nodes).
+    decode_nodes = [json.loads(m).get("decode_node", "") for m in batch["meta"]]
+    table = table.append_column("decode_node", pa.array(decode_nodes, pa.string()))
+    return table.append_column("write_node", pa.array([node_id()] * table.num_rows, pa.string()))

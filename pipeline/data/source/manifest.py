@@ -13,9 +13,12 @@ import csv
 import json
 import math
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pipeline.storage.uri import REMOTE_SCHEMES, is_remote, redact
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg",
                               ".ts", ".mts", ".m2ts", ".flv", ".wmv", ".3gp", ".ogv", ".gif"})
@@ -65,7 +68,7 @@ class VideoRecord:
     """The manifest file or folder it came from."""
 
     def __post_init__(self) -> None:
-        if not os.path.isabs(self.path):
+        if not (os.path.isabs(self.path) or is_remote(self.path)):
             raise ValueError(f"VideoRecord.path={self.path!r}: must be absolute (resolve it first)")
         if not isinstance(self.caption, str) or not self.caption.strip():
             raise ValueError(f"VideoRecord.caption={self.caption!r} for {self.path}: must be non-empty text")
@@ -107,14 +110,29 @@ def _resolve(value: Any, base: Path, where: dict, column: str) -> str:
         raise ManifestError(f"empty or non-text video path {value!r}", column=column, **where)
     text = value.strip()
     if "://" in text:
-        raise ManifestError(f"{text!r}: only local paths are supported; copy remote videos first",
-                            column=column, **where)
-    suffix = Path(text).suffix.lower()
+        scheme = text.split("://", 1)[0].lower()
+        if scheme not in REMOTE_SCHEMES:
+            raise ManifestError(f"{redact(text)!r}: unknown storage scheme {scheme}://; use a local path or one of "
+                                f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}", column=column, **where)
+    suffix = os.path.splitext(text)[1].lower()
     if suffix not in VIDEO_EXTENSIONS:
         raise ManifestError(f"{text!r} has unknown video extension {suffix or '(none)'!r}; "
                             f"known: {' '.join(sorted(VIDEO_EXTENSIONS))}", column=column, **where)
+    if is_remote(text):
+        return normalize_video_path(text)
+    if is_remote(base):  # relative to a manifest on object storage: a key under its prefix
+        return normalize_video_path(f"{str(base).rstrip('/')}/{text}")
     path = Path(text).expanduser()
     return os.path.normpath(path if path.is_absolute() else base / path)
+
+
+def normalize_video_path(path: str) -> str:
+    """A local path with "~" expanded and "a/../b" folded; a URI (s3://bucket/key) with its key folded
+    the same way (normpath on the whole URI would fold "s3://" into "s3:/")."""
+    if is_remote(path):
+        scheme, rest = path.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(rest)}"
+    return os.path.normpath(os.path.expanduser(path))
 
 
 def _make_record(row_values: dict, cols: _Columns, base: Path, where: dict) -> VideoRecord:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.data.source.manifest import (
     MANIFEST_EXTENSIONS,
     VIDEO_EXTENSIONS,
@@ -37,6 +39,7 @@ from pipeline.data.source.manifest import (
     read_manifest,
     read_video_folder,
 )
+from pipeline.storage.uri import REMOTE_SCHEMES
 
 PLAN_DIR = "plan"
 VIDEO_TYPE = pa.struct([("path", pa.string()), ("caption", pa.string()), ("start", pa.float64()),
@@ -92,17 +95,18 @@ def is_manifest_folder(path: str | os.PathLike) -> bool:
         p.suffix.lower() in VIDEO_EXTENSIONS for p in path.iterdir())
 
 
-def _dataset(files: list[Path], columns: list[str]) -> pads.Dataset:
-    kind = _FORMATS[files[0].suffix.lower()]
+def _dataset(files: list[str], columns: list[str], filesystem: pafs.FileSystem | None = None) -> pads.Dataset:
+    suffix = posixpath.splitext(files[0])[1].lower()
+    kind = _FORMATS[suffix]
     if kind == "csv":
         import pyarrow.csv as pacsv
 
         # Every column as text, like the csv module: a caption "7" stays a caption; times are parsed below.
-        delimiter = "\t" if files[0].suffix.lower() == ".tsv" else ","
+        delimiter = "\t" if suffix == ".tsv" else ","
         fmt = pads.CsvFileFormat(parse_options=pacsv.ParseOptions(delimiter=delimiter),
                                  convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}))
-        return pads.dataset([str(f) for f in files], format=fmt)
-    return pads.dataset([str(f) for f in files], format=kind)
+        return pads.dataset(files, format=fmt, filesystem=filesystem)
+    return pads.dataset(files, format=kind, filesystem=filesystem)
 
 
 def _seconds(column: pa.ChunkedArray | None, length: int) -> pa.Array:
@@ -126,15 +130,19 @@ def _checked_rows(table: pa.Table, cols: dict[str, str], base: str) -> pa.Table:
     end = _seconds(table.column(cols["end"]) if cols["end"] in table.column_names else None, n)
     ok = pc.and_kleene(pc.invert(pc.equal(caption, "")), pc.match_substring_regex(video, _EXTENSION.pattern,
                                                                                  ignore_case=True))
-    ok = pc.and_kleene(ok, pc.invert(pc.match_substring(video, "://")))
+    # A URI only for object storage pyarrow reaches (s3://, gs://, ...); any other scheme is refused.
+    uri = pc.match_substring(video, "://")
+    known = pc.match_substring_regex(video, "^(" + "|".join(REMOTE_SCHEMES) + ")://", ignore_case=True)
+    ok = pc.and_kleene(ok, pc.or_kleene(pc.invert(uri), known))
     for t in (start, end):
         ok = pc.and_kleene(ok, pc.or_kleene(pc.is_null(t), pc.and_(pc.is_finite(t), pc.greater_equal(t, 0.0))))
     window = pc.if_else(pc.is_null(start), pc.greater(end, 0.0), pc.greater(end, start))
     ok = pc.and_kleene(ok, pc.or_kleene(pc.is_null(end), window))
     if not pc.all(pc.fill_null(ok, False)).as_py():
         raise ValueError("a row fails the manifest checks")
-    # Relative paths resolve against the manifest's folder; normpath and "~" wait for the decode task.
-    relative = pc.invert(pc.or_(pc.starts_with(video, "/"), pc.starts_with(video, "~")))
+    # Relative paths resolve against the manifest's folder (or prefix: `base` may be s3://bucket/dir);
+    # normpath and "~" wait for the decode task.
+    relative = pc.invert(pc.or_(pc.or_(pc.starts_with(video, "/"), pc.starts_with(video, "~")), uri))
     path = pc.if_else(relative, pc.binary_join_element_wise(base, video, "/"), video)
     return pa.table({"path": path, "caption": caption, "start": start, "end": end})
 
@@ -149,36 +157,81 @@ def _precise_error(file: Path, cols: dict[str, str], first_row: int, err: Except
     return ManifestError(f"cannot read rows from {first_row} on: {err}", file=file)
 
 
-def manifest_batches(manifest: str | os.PathLike, *, video_column: str = "video", caption_column: str = "caption",
-                     start_column: str = "start", end_column: str = "end",
-                     batch_rows: int = 1 << 18) -> Iterator[pa.Table]:
-    """The manifest's rows as checked Arrow batches of (path, caption, start, end, source_row)."""
+def _remote_manifest_files(manifest: str) -> tuple[pafs.FileSystem, list[str]]:
+    """(file system, the manifest's part files as paths in it) for a manifest on object storage: one
+    file, or a prefix ("folder") of part files, sorted by name."""
+    filesystem, path = storage.resolve(manifest)
+    shown = storage.redact(manifest)
+    try:
+        info = filesystem.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            if posixpath.splitext(path)[1].lower() not in _FORMATS:
+                raise ManifestError(f"unknown manifest type {posixpath.splitext(path)[1] or '(no extension)'!r}; "
+                                    f"use {', '.join(MANIFEST_EXTENSIONS)}", file=shown)
+            return filesystem, [path]
+        if info.type == pafs.FileType.NotFound:
+            raise ManifestError("manifest not found (no such object or prefix)", file=shown)
+        listed = filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
+    except OSError as err:
+        raise storage.storage_error(manifest, "read the manifest", err) from None
+    names = sorted(i.path for i in listed if i.type == pafs.FileType.File)
+    if any(posixpath.splitext(n)[1].lower() in VIDEO_EXTENSIONS for n in names):
+        raise ManifestError("a folder of videos on object storage cannot be listed as a manifest: write a "
+                            f"manifest ({', '.join(MANIFEST_EXTENSIONS)}) with a video and a caption column; "
+                            "relative video paths resolve against its location", file=shown)
+    parts = [n for n in names if posixpath.splitext(n)[1].lower() in _FORMATS]
+    kinds = {_FORMATS[posixpath.splitext(n)[1].lower()] for n in parts}
+    if len(kinds) > 1:
+        raise ManifestError(f"holds manifest parts of several formats ({', '.join(sorted(kinds))}); "
+                            "keep one format per folder", file=shown)
+    if not parts:
+        raise ManifestError(f"no manifest files ({', '.join(MANIFEST_EXTENSIONS)})", file=shown)
+    return filesystem, parts
+
+
+def _manifest_parts(manifest: str | os.PathLike) -> tuple[pafs.FileSystem | None, list[tuple[str, str, int]]]:
+    """(file system or None for local files, [(name in messages, path to read, size in bytes)])."""
+    if storage.is_remote(manifest):
+        scheme = str(manifest).split("://", 1)[0]
+        filesystem, paths = _remote_manifest_files(str(manifest))
+        sizes = [i.size for i in filesystem.get_file_info(paths)]
+        return filesystem, [(f"{scheme}://{p}", p, int(n)) for p, n in zip(paths, sizes)]
     root = Path(manifest).expanduser().absolute()
-    cols = {"video": video_column, "caption": caption_column, "start": start_column, "end": end_column}
-    if root.is_dir() and not is_manifest_folder(root):  # a folder of videos: small, listed in Python
-        records = read_video_folder(root)
-        yield pa.table({"path": [r.path for r in records], "caption": [r.caption for r in records],
-                        "start": pa.nulls(len(records), pa.float64()), "end": pa.nulls(len(records), pa.float64()),
-                        "source_row": pa.array(range(len(records)), pa.int64())})
-        return
     if not root.exists():
         raise ManifestError("manifest not found (or not a file)", file=root)
     files = _manifest_files(root)
     if not files:
         raise ManifestError(f"no manifest files ({', '.join(MANIFEST_EXTENSIONS)})", file=root)
+    return None, [(str(f), str(f), f.stat().st_size) for f in files]
+
+
+def manifest_batches(manifest: str | os.PathLike, *, video_column: str = "video", caption_column: str = "caption",
+                     start_column: str = "start", end_column: str = "end",
+                     batch_rows: int = 1 << 18) -> Iterator[pa.Table]:
+    """The manifest's rows as checked Arrow batches of (path, caption, start, end, source_row).
+    `manifest` may be on object storage (s3://bucket/videos.csv or a prefix of part files)."""
+    cols = {"video": video_column, "caption": caption_column, "start": start_column, "end": end_column}
+    root = None if storage.is_remote(manifest) else Path(manifest).expanduser().absolute()
+    if root is not None and root.is_dir() and not is_manifest_folder(root):  # a folder of videos: small
+        records = read_video_folder(root)
+        yield pa.table({"path": [r.path for r in records], "caption": [r.caption for r in records],
+                        "start": pa.nulls(len(records), pa.float64()), "end": pa.nulls(len(records), pa.float64()),
+                        "source_row": pa.array(range(len(records)), pa.int64())})
+        return
+    filesystem, parts = _manifest_parts(manifest)
     offset = 0
-    for file in files:
-        if not file.stat().st_size:
-            raise ManifestError("no records; the manifest lists no videos", file=file)
+    for name, file, size in parts:
+        if not size:
+            raise ManifestError("no records; the manifest lists no videos", file=name)
         try:
-            dataset = _dataset([file], [c for c in cols.values()])
+            dataset = _dataset([file], [c for c in cols.values()], filesystem)
             present = dataset.schema.names
             for column, option in ((video_column, "video_column"), (caption_column, "caption_column")):
                 if column not in present:
                     raise ManifestError(f"missing column; columns present: {', '.join(present) or '(none)'}; "
-                                        f"pass {option}=... to use another name", file=file, column=column)
+                                        f"pass {option}=... to use another name", file=name, column=column)
             wanted = [c for c in dict.fromkeys(cols.values()) if c in present]
-            base = str(file.parent)
+            base = name.rsplit("/", 1)[0]  # the manifest's folder, or its prefix on object storage
             rows_in_file = 0
             # Little read-ahead: the driver's memory stays at a few batches whatever the manifest's size.
             for batch in dataset.to_batches(columns=wanted, batch_size=batch_rows, batch_readahead=1,
@@ -190,9 +243,12 @@ def manifest_batches(manifest: str | os.PathLike, *, video_column: str = "video"
         except ManifestError:
             raise
         except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError, UnicodeDecodeError, OSError) as err:
-            raise _precise_error(file, cols, offset, err) from None
+            if filesystem is not None:  # the per-row reader reads local files only
+                raise ManifestError(f"cannot read rows from {offset} on: {storage.uri.mask_secrets(str(err))}",
+                                    file=storage.redact(name)) from None
+            raise _precise_error(Path(file), cols, offset, err) from None
         if not rows_in_file:
-            raise ManifestError("no records; the manifest lists no videos", file=file)
+            raise ManifestError("no records; the manifest lists no videos", file=name)
 
 
 def _unit_ids(rows: pa.Table, rows_per_unit: int, settings_hash: str) -> tuple[list[str], np.ndarray]:
@@ -221,10 +277,11 @@ def plan_run(manifest: str | os.PathLike, *, rows_per_unit: int, settings_hash: 
     """Read the manifest, make the units, find the finished ones; with `write_to` (the output folder)
     write the pending units to <write_to>/plan/part-*.parquet for the pipeline."""
     done = pa.array(finished, pa.string())
-    plan_dir = Path(write_to) / PLAN_DIR if write_to is not None else None
+    plan_dir = storage.join(write_to, PLAN_DIR) if write_to is not None else None
     if plan_dir is not None:
-        shutil.rmtree(plan_dir, ignore_errors=True)  # a plan belongs to one run
-        plan_dir.mkdir(parents=True)
+        storage.delete(plan_dir)  # a plan belongs to one run
+        if not storage.is_remote(plan_dir):
+            os.makedirs(plan_dir)
     all_ids, files, records, finished_count, pending_rows = [], [], 0, 0, 0
     carry: pa.Table | None = None  # rows of a unit cut by the batch boundary
 
@@ -245,10 +302,13 @@ def plan_run(manifest: str | os.PathLike, *, rows_per_unit: int, settings_hash: 
                                                 fields=list(VIDEO_TYPE))
             units = pa.table({"unit_id": ids_array,
                               "videos": pa.ListArray.from_arrays(pa.array(offsets), videos)}, schema=PLAN_SCHEMA)
-            path = plan_dir / f"part-{len(files):05d}.parquet"
+            path = storage.join(plan_dir, f"part-{len(files):05d}.parquet")
+            filesystem, inner = storage.resolve(path)
             # Small row groups: Ray Data reads the file in pieces, so units spread over the decode tasks.
-            pq.write_table(units.take(pending), path, row_group_size=64)
-            files.append(str(path))
+            # On object storage one PUT per part: in the bucket, every node's decode tasks can read it.
+            with filesystem.open_output_stream(inner) as sink:
+                pq.write_table(units.take(pending), sink, row_group_size=64)
+            files.append(path)
         return rows.slice(whole) if whole < rows.num_rows else None
 
     for batch in manifest_batches(manifest, **columns):

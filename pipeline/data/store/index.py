@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.data.store.shards import (
     ERRORS_DIR,
     SHARDS_DIR,
@@ -53,11 +54,9 @@ INDEX_SCHEMA = pa.schema([
 
 
 def filesystem(root: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """(file system, path in it) of an output folder: a URI (s3://...) or a local path."""
-    root = str(root)
-    if "://" in root:
-        return pafs.FileSystem.from_uri(root)
-    return pafs.LocalFileSystem(), os.path.abspath(root)
+    """(file system, path in it) of an output folder: a URI (s3://...; endpoint and credentials from the
+    standard environment, see pipeline/storage) or a local path."""
+    return storage.resolve(root)
 
 
 def list_output(root: str | os.PathLike) -> tuple[list[str], list[str]]:
@@ -102,7 +101,8 @@ class IndexAppender:
         if self._rows:
             table = pa.concat_tables(self._pending)
             folder = f"{self.base}/{INDEX_PARTS_DIR}"
-            self.fs.create_dir(folder, recursive=True)
+            if isinstance(self.fs, pafs.LocalFileSystem):  # object stores have no folders to make
+                self.fs.create_dir(folder, recursive=True)
             name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
             _write_table_atomic(self.fs, f"{folder}/{name}", table)
         self._pending, self._rows, self._last = [], 0, time.monotonic()
@@ -111,6 +111,10 @@ class IndexAppender:
 def _write_table_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
     """Write to a temporary name, then move: a reader never sees half a file (on an object store,
     one PUT is atomic already and the move is a copy)."""
+    if not isinstance(fs, pafs.LocalFileSystem):  # one PUT (or completed multipart upload): whole or absent
+        with fs.open_output_stream(path) as out:
+            pq.write_table(table, out)
+        return
     tmp = f"{path}.{uuid.uuid4().hex}.tmp"
     with fs.open_output_stream(tmp) as out:
         pq.write_table(table, out)
@@ -133,7 +137,7 @@ def footer_rows(root: str | os.PathLike, unit_ids: list[str], bucket_keys: list[
     appended their rows (a few per kill), never for all shards."""
     cols: dict[str, list] = {name: [] for name in INDEX_SCHEMA.names}
     for unit_id in unit_ids:
-        own = read_shard_metadata(os.path.join(str(root), relative_shard_file(unit_id)))
+        own = read_shard_metadata(storage.join(root, relative_shard_file(unit_id)))
         buckets = own.get("buckets", {})
         cols["file"].append(relative_shard_file(unit_id))
         cols["unit_id"].append(unit_id)
@@ -225,6 +229,6 @@ def read_index(root: str | os.PathLike, columns: list[str] | None = None) -> pa.
     try:
         return pq.read_table(path, filesystem=fs, columns=columns)
     except FileNotFoundError:
-        raise ShardError(f"{path}: missing; run the same precompute command again to rebuild it") from None
+        raise ShardError(f"{storage.redact(root)}/{INDEX_NAME}: missing; run the same precompute command again to rebuild it") from None
     except (OSError, pa.ArrowInvalid) as err:
-        raise ShardError(f"{path}: not readable ({err}); run the same precompute command again") from err
+        raise ShardError(f"{storage.redact(root)}/{INDEX_NAME}: not readable ({err}); run the same precompute command again") from err

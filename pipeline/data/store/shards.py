@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
+from pipeline import storage
 
 SCHEMA_VERSION = 2  # 1: a JSON shard list in manifest.json and flat shards/ errors/ folders
 PREFIX_LENGTH = 2
@@ -187,8 +190,25 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through `write(file)` to a temporary name in the same folder, fsync, then os.replace."""
+def location(root: str | Path, relative: str) -> str | Path:
+    """`relative` inside the output `root`: a Path for a local folder, a URI string for object storage
+    (a Path would fold "s3://" into "s3:/")."""
+    return storage.join(root, relative) if storage.is_remote(root) else Path(root) / relative
+
+
+def _atomic_write(path: str | Path, write) -> None:
+    """Write through `write(file)` to a temporary name in the same folder, fsync, then os.replace.
+    On object storage: to a local temporary file, then one whole upload (storage.put_file), so a
+    reader never sees part of it."""
+    if storage.is_remote(path):
+        fd, tmp = tempfile.mkstemp(prefix="pomvid-upload-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            storage.put_file(tmp, path)
+        finally:
+            os.unlink(tmp)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
@@ -209,19 +229,19 @@ def write_shard(path: str | Path, table: pa.Table) -> None:
     small = [name for name in table.schema.names if name not in _BLOB_COLUMNS]
     compression = {name: ("none" if name in _BLOB_COLUMNS else "snappy") for name in table.schema.names}
     _atomic_write(
-        Path(path),
+        path,
         lambda f: pq.write_table(table, f, row_group_size=1, compression=compression, write_statistics=small),
     )
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
     text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+    _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def write_jsonl_atomic(path: str | Path, records: list[dict]) -> None:
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+    _atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def relative_shard_file(unit_id: str) -> str:
@@ -229,31 +249,39 @@ def relative_shard_file(unit_id: str) -> str:
     return f"{SHARDS_DIR}/{unit_id[:PREFIX_LENGTH]}/{unit_id}.parquet"
 
 
-def shard_path(root: str | Path, unit_id: str) -> Path:
-    return Path(root) / relative_shard_file(unit_id)
+def shard_path(root: str | Path, unit_id: str) -> str | Path:
+    return location(root, relative_shard_file(unit_id))
 
 
-def errors_path(root: str | Path, unit_id: str) -> Path:
-    return Path(root) / ERRORS_DIR / unit_id[:PREFIX_LENGTH] / f"{unit_id}.jsonl"
+def errors_path(root: str | Path, unit_id: str) -> str | Path:
+    return location(root, f"{ERRORS_DIR}/{unit_id[:PREFIX_LENGTH]}/{unit_id}.jsonl")
+
+
+def _file_system(path: str | Path):
+    """(pyarrow file system, path in it) for a shard: None for a local file (memory-mapped reads)."""
+    return storage.resolve(path) if storage.is_remote(path) else (None, str(path))
 
 
 def read_shard_metadata(path: str | Path) -> dict:
     """The shard's own metadata (unit id, counts) plus "rows", read from the Parquet footer only."""
     try:
-        meta = pq.read_metadata(path)
+        fs, inner = _file_system(path)
+        meta = pq.read_metadata(inner, filesystem=fs)
         own = json.loads((meta.metadata or {}).get(METADATA_KEY, b"{}"))
     except (OSError, pa.ArrowInvalid, ValueError) as err:
-        raise ShardError(f"{path}: not a readable shard ({err}); delete it and run precompute again") from err
+        raise ShardError(f"{storage.redact(path)}: not a readable shard ({err}); delete it and run precompute "
+                         "again") from err
     own["rows"] = meta.num_rows
     return own
 
 
 def read_shard(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     """A whole shard as a pyarrow table (memory-mapped)."""
+    fs, inner = _file_system(path)
     try:
-        return pq.read_table(path, columns=columns, memory_map=True)
+        return pq.read_table(inner, columns=columns, memory_map=fs is None, filesystem=fs)
     except (OSError, pa.ArrowInvalid) as err:
-        raise ShardError(f"{path}: not a readable shard ({err}); delete it and run precompute again") from err
+        raise ShardError(f"{storage.redact(path)}: not a readable shard ({err}); delete it and run precompute again") from err
 
 
 def row_to_sample(table: pa.Table, index: int) -> dict:
@@ -284,12 +312,12 @@ def read_samples(path: str | Path) -> list[dict]:
 
 def read_output_manifest(root: str | Path) -> dict | None:
     """The output folder's manifest.json, or None when there is none."""
-    path = Path(root) / MANIFEST_NAME
-    if not path.exists():
-        return None
+    path = location(root, MANIFEST_NAME)
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+        if not storage.exists(path):
+            return None
+        manifest = json.loads(storage.read_bytes(path))
+    except (OSError, ValueError, storage.StorageError) as err:
         raise ShardError(f"{path}: not valid JSON ({err}); run precompute again with --overwrite") from err
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if version == 1:
@@ -307,14 +335,15 @@ def read_output_manifest(root: str | Path) -> dict | None:
 
 
 def write_output_manifest(root: str | Path, manifest: dict) -> None:
-    write_json_atomic(Path(root) / MANIFEST_NAME, {**manifest, "schema_version": SCHEMA_VERSION})
+    write_json_atomic(location(root, MANIFEST_NAME), {**manifest, "schema_version": SCHEMA_VERSION})
 
 
 def read_errors(root: str | Path) -> list[dict]:
     """Every error line of every errors/*/*.jsonl file, sorted by file name then line."""
     records = []
-    for path in sorted((Path(root) / ERRORS_DIR).glob("*/*.jsonl"), key=lambda p: p.name):
-        for line in path.read_text().splitlines():
+    files = [f for f in storage.list_files(location(root, ERRORS_DIR)) if f.count("/") == 1 and f.endswith(".jsonl")]
+    for file in sorted(files, key=lambda f: f.rsplit("/", 1)[1]):
+        for line in storage.read_bytes(location(root, f"{ERRORS_DIR}/{file}")).decode().splitlines():
             if line.strip():
                 records.append(json.loads(line))
     return records

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline import storage
+
 FILE_NAME = "text_conditioning.safetensors"
 SCHEMA = "1"
 
@@ -131,6 +133,9 @@ def from_bytes(data: bytes, *, source: str) -> TextConditioning:
 
 def write_text_conditioning(folder: str | Path, conditioning: TextConditioning) -> Path:
     """Write <folder>/text_conditioning.safetensors atomically; returns its path."""
+    if storage.is_remote(folder):
+        storage.put_bytes(to_bytes(conditioning), storage.join(folder, FILE_NAME))
+        return storage.join(folder, FILE_NAME)
     path = Path(folder) / FILE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     data = to_bytes(conditioning)
@@ -149,6 +154,9 @@ def write_text_conditioning(folder: str | Path, conditioning: TextConditioning) 
 
 def read_text_conditioning(folder: str | Path) -> TextConditioning | None:
     """The stored conditioning of a latent folder, or None when precompute stored none (older outputs)."""
+    if storage.is_remote(folder):
+        uri = storage.join(folder, FILE_NAME)
+        return from_bytes(storage.read_bytes(uri), source=storage.redact(uri)) if storage.exists(uri) else None
     path = Path(folder) / FILE_NAME
     if not path.is_file():
         return None
