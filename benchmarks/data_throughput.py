@@ -15,6 +15,8 @@ Each measurement is a function returning a Row; main() runs the selected ones an
 
     python benchmarks/data_throughput.py
     python benchmarks/data_throughput.py --videos 8 --seconds 20 --measure decord pyav
+    python benchmarks/data_throughput.py --videos 4 --seconds 6 --size 640x360 --bucket 17x128x128 \
+        --clips-per-video 2 --repeats 8 --measure decord --utilisation   # encoder utilisation on CPU
 """
 
 from __future__ import annotations
@@ -299,6 +301,88 @@ def run_end_to_end(folder: Path, paths: list[Path], args, bucket: Bucket) -> lis
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# Encoder utilisation on a CPU: a CogVideoX-architecture VAE (random weights, float32) slow enough that
+# one encoder actor on one core is the bottleneck while one decode task runs on the other core. The
+# pipeline's steady clips/s divided by the encoder's own clips/s on the same batches already in memory
+# (VAEStage, one thread, uint8 -> float included, as the actor does it). The encoder alone is timed
+# before and after the pipeline, in the same run, and the ratio uses their mean: the machine's load moves.
+
+UTILISATION_COG = {
+    "block_out_channels": [16, 32, 32], "down_block_types": ["CogVideoXDownBlock3D"] * 3,
+    "up_block_types": ["CogVideoXUpBlock3D"] * 3, "latent_channels": 4, "layers_per_block": 1,
+    "norm_num_groups": 4, "temporal_compression_ratio": 4, "sample_height": 32, "sample_width": 32,
+}
+
+
+def utilisation_config(folder: Path, paths: list[Path], *, repeats: int, bucket: Bucket, fps: float,
+                       clips_per_video: int):
+    """End-to-end config on a CPU VAE: one VAE actor (1 CPU, 1 thread), one decode task at a time."""
+    import dataclasses
+
+    (folder / "utilisation").mkdir(exist_ok=True)
+    config = end_to_end_config(folder / "utilisation", paths, repeats=repeats, bucket=bucket, fps=fps,
+                               clips_per_video=clips_per_video, vae="pixel", workers=3)
+    return dataclasses.replace(config, vae="cogvideox", vae_config=UTILISATION_COG, vae_num_cpus=1.0,
+                               decode_num_cpus=1.0, decode_concurrency=1, vae_batch_size=clips_per_video * 2)
+
+
+def decoded_units(config) -> list[dict]:
+    """Every unit of the run decoded in this process: the batches the VAE actor receives."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipeline.data.precompute.run import unit_settings_hash
+    from pipeline.data.precompute.stages import decode_units
+    from pipeline.data.source.plan import plan_run
+
+    shutil.rmtree(config.output, ignore_errors=True)
+    plan = plan_run(config.manifest, rows_per_unit=config.rows_per_work_unit, settings_hash=unit_settings_hash(config),
+                    finished=[], write_to=config.output)  # the pipeline (overwrite=True) clears it again
+    out = []
+    for file in plan.plan_files:
+        units = pq.read_table(file)
+        out += [decode_units(units.slice(i, 1), buckets=config.buckets, fps=config.fps,
+                             clips_per_video=config.clips_per_video, backend=config.decode_backend)
+                for i in range(units.num_rows)]
+    return out
+
+
+def measure_encoder_alone(config, units: list[dict]) -> Row:
+    """VAEStage on the decoded units, one after the other, in this process (one torch thread)."""
+    import json
+
+    from pipeline.data.precompute.run import describe_vae
+    from pipeline.data.precompute.stages import VAEStage
+
+    fp = describe_vae(config.vae, config.vae_build_kwargs(), config.buckets)["fingerprint"]
+    stage = VAEStage(kind=config.vae, build_kwargs=config.vae_build_kwargs(), fingerprint=fp,
+                     batch_size=config.vae_batch_size, num_cpus=config.vae_num_cpus)
+    stage(units[0])  # warm-up: allocator, oneDNN kernels
+
+    def run() -> int:
+        return sum(len(json.loads(m)["clips"]) for unit in units for m in stage(unit)["meta"])
+
+    clips, wall, cpu = _timed(run)
+    return Row(measurement=f"encoder alone: VAEStage, {config.vae_batch_size} clips/batch, 1 thread", clips=clips,
+               wall_s=wall, cpu_s=cpu)
+
+
+def run_utilisation(folder: Path, paths: list[Path], args, bucket: Bucket) -> list[Row]:
+    """Encoder alone, the pipeline, the encoder alone again; the ratio in the pipeline row's note."""
+    config = utilisation_config(folder, paths, repeats=args.repeats, bucket=bucket, fps=args.fps,
+                                clips_per_video=args.clips_per_video)
+    units = decoded_units(config)
+    before = measure_encoder_alone(config, units)
+    pipeline = measure_pipeline(config)
+    after = measure_encoder_alone(config, units)
+    alone = 2 / (1 / before.clips_per_s + 1 / after.clips_per_s)  # mean time per clip of the two
+    pipeline.note += f"; pipeline / encoder alone = {pipeline.clips_per_s / alone:.2f} (bar >= 0.85)"
+    before.note, after.note = "before the pipeline", "after the pipeline"
+    return [before, pipeline, after]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--videos", type=int, default=4, help="source videos to make")
@@ -313,6 +397,8 @@ def main() -> None:
                         help="also time the Ray pipeline against a plain loop (and the GPU ratio with CUDA)")
     parser.add_argument("--repeats", type=int, default=2, help="end to end: times the manifest lists each source")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="end to end: CPUs of the local Ray")
+    parser.add_argument("--utilisation", action="store_true",
+                        help="encoder utilisation on this CPU: pipeline clips/s over a CPU VAE's own clips/s")
     parser.add_argument("--vae", choices=["pixel", "cogvideox"], help="end to end: default cogvideox with CUDA")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
@@ -338,6 +424,13 @@ def main() -> None:
         if args.end_to_end:
             print(f"# end to end: {len(paths) * args.repeats} manifest rows, Ray on {args.workers} CPUs")
             print(format_table(run_end_to_end(folder, paths, args, bucket)))
+        if args.utilisation:
+            print(f"# encoder utilisation: {len(paths) * args.repeats} manifest rows, 1 decode task, 1 CPU VAE "
+                  f"actor (CogVideoX architecture {UTILISATION_COG['block_out_channels']}, float32), load average "
+                  f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the start")
+            rows = run_utilisation(folder, paths, args, bucket)
+            print(format_table(rows))
+            print(f"# load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
 
 
 if __name__ == "__main__":

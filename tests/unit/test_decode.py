@@ -6,6 +6,7 @@ reads back which source frame landed at each position of the clip.
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -307,3 +308,57 @@ def test_rotated_phone_video_is_decoded_upright_into_a_portrait_bucket(tmp_path)
         assert green[:, :3].mean() > 0.5 and green[:, 10:].mean() < -0.5, backend  # the band, on the left
     with pytest.raises(ValueError, match="cannot read rotated videos"):
         decode_clip(rotated, frames=9, height=48, width=32, fps=8.0, backend="decord", rotation=90)
+
+
+def _count_opens(monkeypatch) -> list[str]:
+    """Every PyAV open and decord reader made from now on, in order."""
+    import av
+
+    opens: list[str] = []
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda *a, **k: (opens.append("av"), real_open(*a, **k))[1])
+    if readers.HAVE_DECORD:
+        real_reader = readers.decord.VideoReader
+        monkeypatch.setattr(readers.decord, "VideoReader",
+                            lambda *a, **k: (opens.append("decord"), real_reader(*a, **k))[1])
+    return opens
+
+
+@pytest.mark.parametrize("backend", ["pyav", "auto"])
+@pytest.mark.parametrize("name", ["fps60", "vfr"])
+def test_probe_and_decode_share_one_open(test_videos, monkeypatch, backend, name):
+    """A VideoFile is probed from its packets and decoded from the same PyAV handle, keyframes
+    included (the second clip needs them): one PyAV open, plus decord's own reader when decord
+    decodes; the clips equal those of a fresh handle."""
+    from pipeline.data.decode.container import VideoFile
+
+    video, starts = getattr(test_videos, name), [0.0, 2.0]
+    kw = dict(frames=5, height=16, width=16, fps=6, backend=backend)
+    fresh = decode_clips(video.path, starts=starts, **kw)
+    opens = _count_opens(monkeypatch)
+    with VideoFile(video.path) as opened:
+        assert opened.info == probe(video.path)
+        opens.clear()  # the probe() just above opened the file on its own
+        clips = decode_clips(video.path, starts=starts, rotation=opened.info.rotation, video=opened, **kw)
+    assert opens == (["decord"] if backend == "auto" and readers.HAVE_DECORD else [])
+    for start, clip, reference in zip(starts, clips, fresh):
+        assert indices(clip) == expected(video.timestamps, start, 5, 6)
+        np.testing.assert_array_equal(clip, reference)
+
+
+def test_decode_units_opens_each_video_once(test_videos, monkeypatch, tmp_path):
+    """The pipeline's decode task: one open per video (PyAV backend), probe and decode included."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data.precompute.stages import decode_units
+    from pipeline.data.source.plan import plan_run
+
+    paths = [test_videos.fps60.path, test_videos.landscape.path, test_videos.portrait.path]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("video,caption\n" + "".join(f"{p},video {i}\n" for i, p in enumerate(paths)))
+    plan = plan_run(manifest, rows_per_unit=3, settings_hash="s", finished=[], write_to=tmp_path)
+    opens = _count_opens(monkeypatch)
+    decoded = decode_units(pq.read_table(plan.plan_files[0]), buckets="9x32x32,9x32x48,9x48x32", fps=8.0,
+                           clips_per_video=2, backend="pyav")
+    assert json.loads(decoded["meta"][0])["errors"] == [] and len(json.loads(decoded["meta"][0])["clips"]) == 4
+    assert opens == ["av"] * len(paths)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pyarrow as pa
@@ -215,7 +216,9 @@ def test_one_read_per_shard_and_the_step_no_longer_waits(store, monkeypatch):
     dataset = LatentDataset(store)
     calls = []
     read = pq.ParquetFile.read_row_groups
-    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", lambda self, *a, **k: calls.append(a) or read(self, *a, **k))
+    # This thread's reads only: an earlier test's loader may still finish a read it had started ahead.
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", lambda self, *a, **k: (
+        threading.current_thread() is threading.main_thread() and calls.append(a)) or read(self, *a, **k))
     samples = dataset.samples([3, 0, 1, 20, 2])  # four rows of shard 0, one of shard 1
     assert [s["index"] for s in samples] == [3, 0, 1, 20, 2] and len(calls) == 2
     assert [s["id"] for s in samples] == [dataset[i]["id"] for i in (3, 0, 1, 20, 2)]
@@ -234,3 +237,27 @@ def test_one_read_per_shard_and_the_step_no_longer_waits(store, monkeypatch):
             assert max(waits[1:]) < 0.05, waits  # less than one read: only the first batch is waited for
         else:
             assert min(waits) >= 0.05, waits  # read on the step's critical path
+
+
+def test_read_ahead_crosses_epoch_ends_with_the_same_batches(store, monkeypatch):
+    """The read-ahead goes on into the next epoch while this one's last steps run: no batch after the
+    first is waited for, also at epoch starts; the batches are those of a loader without prefetch, and
+    a loader moved by load_state_dict drops what it had read ahead."""
+    dataset = LatentDataset(store)
+    reference = LatentLoader(dataset, batch_size=4, dp_rank=0, dp_size=1, seed=3, prefetch=0)
+    per_epoch = len(reference)
+    expected = [b["ids"] for _ in range(3) for b in reference]  # three epochs
+    slow = dataset.samples
+    monkeypatch.setattr(dataset, "samples", lambda indices: time.sleep(0.02) or slow(indices))
+    loader = LatentLoader(dataset, batch_size=4, dp_rank=0, dp_size=1, seed=3, prefetch=3)
+    got, waits = [], []
+    for _ in range(3):
+        for batch in loader:
+            got.append(batch["ids"])
+            waits.append(loader.perf_metrics()["perf/data_wait_s"])
+            time.sleep(0.06)  # the training step: three reads long
+    assert got == expected and loader.epoch == 3
+    assert max(waits[1:]) < 0.02, (per_epoch, waits)  # epoch starts included
+    loader.load_state_dict(reference.state_dict())  # reference stands at the start of epoch 3
+    assert next(iter(loader))["ids"] == next(iter(reference))["ids"]
+    loader.close()

@@ -1,4 +1,4 @@
-"""Opening video files: the checks that classify bad input, the header, and probe().
+"""Opening video files: the checks that classify bad input, the header, VideoFile and probe().
 
 Every failure on bad input is a DecodeError whose `reason` is one of REASONS.
 """
@@ -127,45 +127,84 @@ def _first_frame_rotation(packet, keep_trying: bool) -> int | None:
     return None if keep_trying else 0
 
 
-def probe(path: str | os.PathLike) -> VideoInfo:
-    """Reads the header and walks the packets (no decoding): size, frames, duration."""
-    path = os.fspath(path)
-    container, stream = open_container(path)
-    try:
-        tb = float(stream.time_base)
-        pts, last_pts, last_duration, rotation = [], None, 0, None
+class VideoFile:
+    """One video opened once: probed from its own packets, then decoded from the same PyAV handle.
+
+    Probing walks every packet (demuxing, no decoding), so it reads the whole file; the walk also
+    keeps the keyframe times, which PyAV's multi-clip decode needs. Decoding then seeks this handle
+    back to the start instead of opening the file again. Use as a context manager, or close().
+    """
+
+    def __init__(self, path: str | os.PathLike, *, threads: int = 1):
+        self.path = os.fspath(path)
+        self.container, self.stream = open_container(self.path)
+        # Before the probe decodes its first frame: a codec's thread count is fixed once it is open.
+        self.stream.codec_context.thread_count = threads
+        if threads > 1:
+            self.stream.codec_context.thread_type = "AUTO"
+        self.walked = False  # True once the packets were read: decoding must seek back first
         try:
-            for packet in container.demux(stream):
-                if rotation is None:  # decode until the first frame: it carries the display matrix
-                    rotation = _first_frame_rotation(packet, keep_trying=len(pts) < 32)
-                if packet.size == 0:
-                    continue
-                p = packet.pts if packet.pts is not None else packet.dts
-                if p is not None:
-                    pts.append(p)
-                    if last_pts is None or p >= last_pts:  # packets come in decode order
-                        last_pts, last_duration = p, packet.duration or 0
-        except Exception:  # a damaged tail: keep the packets read so far, `truncated` tells
-            pass
-        origin = stream.start_time if stream.start_time is not None else min(pts, default=0)
-        pts = [p for p in pts if p >= origin]  # pre-roll packets an edit list discards
-        if not pts:
-            if classify_unreadable(path) == "truncated":
-                raise DecodeError("truncated", f"{path}: the file is cut off before its first frame")
-            raise DecodeError("corrupt", f"{path}: the video stream holds no frames")
-        end = (max(pts) - origin) * tb + (last_duration * tb or frame_period(stream))
-        rotation = rotation or 0
-        width, height = stream.codec_context.width, stream.codec_context.height
-        if rotation in (90, 270):
-            width, height = height, width
-        return VideoInfo(width=width, height=height, fps=len(pts) / end, num_frames=len(pts), duration=end,
-                         backend="pyav", claimed_duration=claimed_duration(container, stream), rotation=rotation)
-    except DecodeError:
-        raise
-    except Exception as e:
-        raise DecodeError("corrupt", f"{path}: cannot read the video stream ({e})") from None
-    finally:
-        container.close()
+            self.info, self.keyframe_pts = self._walk()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> VideoFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.container.close()
+
+    def _walk(self) -> tuple[VideoInfo, list[int]]:
+        """Reads the header and walks the packets: size, frames, duration, rotation, keyframes."""
+        path, container, stream = self.path, self.container, self.stream
+        self.walked = True
+        try:
+            tb = float(stream.time_base)
+            pts, keyframes, last_pts, last_duration, rotation = [], [], None, 0, None
+            try:
+                for packet in container.demux(stream):
+                    if rotation is None:  # decode until the first frame: it carries the display matrix
+                        rotation = _first_frame_rotation(packet, keep_trying=len(pts) < 32)
+                    if packet.is_keyframe and packet.pts is not None:
+                        keyframes.append(packet.pts)
+                    if packet.size == 0:
+                        continue
+                    p = packet.pts if packet.pts is not None else packet.dts
+                    if p is not None:
+                        pts.append(p)
+                        if last_pts is None or p >= last_pts:  # packets come in decode order
+                            last_pts, last_duration = p, packet.duration or 0
+            except Exception:  # a damaged tail: keep the packets read so far, `truncated` tells
+                pass
+            origin = stream.start_time if stream.start_time is not None else min(pts, default=0)
+            pts = [p for p in pts if p >= origin]  # pre-roll packets an edit list discards
+            if not pts:
+                if classify_unreadable(path) == "truncated":
+                    raise DecodeError("truncated", f"{path}: the file is cut off before its first frame")
+                raise DecodeError("corrupt", f"{path}: the video stream holds no frames")
+            end = (max(pts) - origin) * tb + (last_duration * tb or frame_period(stream))
+            rotation = rotation or 0
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if rotation in (90, 270):
+                width, height = height, width
+            info = VideoInfo(width=width, height=height, fps=len(pts) / end, num_frames=len(pts), duration=end,
+                             backend="pyav", claimed_duration=claimed_duration(container, stream), rotation=rotation)
+            return info, keyframes
+        except DecodeError:
+            raise
+        except Exception as e:
+            raise DecodeError("corrupt", f"{path}: cannot read the video stream ({e})") from None
+
+
+def probe(path: str | os.PathLike) -> VideoInfo:
+    """Reads the header and walks the packets (no decoding): size, frames, duration. To decode the
+    same file afterwards, open a VideoFile and hand it to decode_clips: the file is read once less."""
+    with VideoFile(path) as video:
+        return video.info
 
 
 def first_line(error: BaseException) -> str:

@@ -101,11 +101,13 @@ class _Overshot(Exception):
 class _Reader:
     """Frames of one stream in time order, with the state that carries from clip to clip."""
 
-    def __init__(self, path: str, container, stream, height: int, width: int, rotation: int = 0):
+    def __init__(self, path: str, container, stream, height: int, width: int, rotation: int = 0,
+                 keyframe_pts: list[int] | None = None):
         self.path, self.container, self.stream, self.height, self.width = path, container, stream, height, width
         self.rotation = rotation
         self.tb, self.origin, self.period = float(stream.time_base), stream.start_time or 0, frame_period(stream)
-        self.keyframes: np.ndarray | None = None  # seconds; read when a second clip needs them
+        # Seconds; from the probe's walk when it gave them, else read when a second clip needs them.
+        self.keyframes: np.ndarray | None = None if keyframe_pts is None else self._seconds(keyframe_pts)
         self.started = False
         self.broken: Exception | None = None  # the error that ended the stream early, if any
         self._reset(self._frames())
@@ -162,6 +164,9 @@ class _Reader:
         with av.open(self.path) as container:  # a second handle: demuxing only, no decoding
             stream = container.streams.video[0]
             pts = [p.pts for p in container.demux(stream) if p.is_keyframe and p.pts is not None]
+        return self._seconds(pts)
+
+    def _seconds(self, pts: list[int]) -> np.ndarray:
         return np.sort((np.array(pts, dtype=np.float64) - self.origin) * self.tb)
 
     def _convert(self) -> torch.Tensor:
@@ -206,15 +211,20 @@ class _Reader:
 
 
 def decode_pyav(path: str, container, stream, clips: list[np.ndarray], height: int, width: int,
-                threads: int, rotation: int = 0) -> list[torch.Tensor]:
+                threads: int, rotation: int = 0, *, keyframe_pts: list[int] | None = None,
+                rewind: bool = False) -> list[torch.Tensor]:
     """Seek to the keyframe before a clip's first target time (unless decoding on is cheaper),
-    decode forward, convert only the frames chosen."""
+    decode forward, convert only the frames chosen. keyframe_pts: the stream's keyframe times (the
+    probe's walk), else read when needed; rewind: the handle was walked (probed), seek back first."""
     context = stream.codec_context
-    context.thread_count = threads
-    if threads > 1:
-        context.thread_type = "AUTO"
+    if not context.is_open:  # a probed handle set its threads before its first decode (VideoFile)
+        context.thread_count = threads
+        if threads > 1:
+            context.thread_type = "AUTO"
     try:
-        reader = _Reader(path, container, stream, height, width, rotation)
+        reader = _Reader(path, container, stream, height, width, rotation, keyframe_pts)
+        if rewind:
+            reader.seek(0.0)  # flushes the decoder the probe used for the first frame's rotation
         out = []
         for targets in clips:
             if reader.should_seek(targets[0]):

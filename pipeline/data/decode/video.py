@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline.data.decode import readers
 from pipeline.data.decode.buckets import TIME_TOLERANCE, Bucket, BucketTable, assign_bucket
-from pipeline.data.decode.container import DecodeError, VideoInfo, open_container
+from pipeline.data.decode.container import DecodeError, VideoFile, VideoInfo, open_container
 from pipeline.data.decode.frames import target_times, to_channels_first, to_model_range
 from pipeline.data.source.manifest import VideoRecord
 
@@ -75,14 +75,18 @@ def plan_clips(record: VideoRecord, info: VideoInfo, table: BucketTable, fps: fl
 
 def decode_clips(path: str | os.PathLike, *, starts: list[float], frames: int, height: int, width: int,
                  fps: float, backend: str = "auto", threads: int = 1, uint8: bool = False,
-                 rotation: int = 0) -> list[np.ndarray]:
+                 rotation: int = 0, video: VideoFile | None = None) -> list[np.ndarray]:
     """Several clips of one video in one pass, each float32 (3, frames, height, width) in
     [-1, 1] (with `uint8`: the uint8 pixels (3, frames, height, width) that give those numbers
     through frames.uint8_to_model_range), in the order of `starts` (see the module docstring).
 
     backend: "decord", "pyav", or "auto" (decord, then PyAV if decord fails for any reason
     but a clean too_short). threads: decoder threads (1 = one core per decode task). rotation: the
-    video's display rotation (probe's VideoInfo.rotation): frames come out upright.
+    video's display rotation (probe's VideoInfo.rotation): frames come out upright. video: the
+    file already opened and probed (VideoFile, left open for the caller to close): PyAV decodes
+    from that handle and uses its keyframes, so the file is not opened and walked again; without
+    it the file is opened here (header only: no probe walk) and closed. decord always opens its
+    own reader (it cannot read from a PyAV handle).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
@@ -103,27 +107,31 @@ def decode_clips(path: str | os.PathLike, *, starts: list[float], frames: int, h
     if rotation % 360 and backend == "decord":
         raise ValueError(f"{path}: backend='decord' cannot read rotated videos correctly; use 'pyav' or 'auto'")
     use_decord = backend == "decord" or (backend == "auto" and readers.HAVE_DECORD and not rotation % 360)
-    for library in (["decord"] if use_decord else []) + ([] if backend == "decord" else ["pyav"]):
-        container, stream = open_container(path)  # classifies missing / not-a-video files
-        try:
-            if library == "pyav":
-                decoded = readers.decode_pyav(path, container, stream, clips, height, width, threads, rotation)
-            else:
-                try:
-                    decoded = readers.decode_decord(path, container, stream, clips, height, width, threads,
-                                                    rotation)
-                except DecodeError as e:
-                    # A clean too_short is final; anything else gets a second chance with PyAV.
-                    if backend == "decord" or e.reason == "too_short":
-                        raise
-                    continue
-        finally:
+    own = video is None
+    if own:  # classifies missing / not-a-video files
+        container, stream = open_container(path)
+        keyframe_pts, walked = None, False
+    else:
+        container, stream, keyframe_pts, walked = video.container, video.stream, video.keyframe_pts, video.walked
+    try:
+        decoded = None
+        if use_decord:
+            try:
+                decoded = readers.decode_decord(path, container, stream, clips, height, width, threads, rotation)
+            except DecodeError as e:
+                # A clean too_short is final; anything else gets a second chance with PyAV.
+                if backend == "decord" or e.reason == "too_short":
+                    raise
+        if decoded is None:  # the same PyAV handle: decord only read the header's durations from it
+            decoded = readers.decode_pyav(path, container, stream, clips, height, width, threads, rotation,
+                                          keyframe_pts=keyframe_pts, rewind=walked)
+    finally:
+        if own:
             container.close()
-        out: list[np.ndarray] = [np.empty(0)] * len(starts)
-        for i, clip in zip(order, decoded):
-            out[i] = to_channels_first(clip) if uint8 else to_model_range(clip)
-        return out
-    raise AssertionError("unreachable")  # the pyav pass returns or raises
+    out: list[np.ndarray] = [np.empty(0)] * len(starts)
+    for i, clip in zip(order, decoded):
+        out[i] = to_channels_first(clip) if uint8 else to_model_range(clip)
+    return out
 
 
 def decode_clip(path: str | os.PathLike, *, frames: int, height: int, width: int, fps: float,

@@ -21,6 +21,7 @@ import json
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -222,7 +223,11 @@ class LatentLoader:
         self.global_batch_size = self.batch_size * self.dp_size
         self.epoch = 0
         self._consumed = 0  # samples consumed globally (all DP ranks) in self.epoch
-        self._plan_cache: tuple[int, list] | None = None
+        self._plans: OrderedDict[int, list] = OrderedDict()  # the last two epochs' plans (read-ahead crosses one)
+        # The background read-ahead: (the Prefetcher's generator, the (epoch, step) it yields next). It
+        # outlives one pass of `for batch in loader` so that it reads into the next epoch while the last
+        # steps of this one run (else every epoch's first batch is read in the step).
+        self._ahead: tuple[object, tuple[int, int]] | None = None
         if len(self.plan(0)) == 0:
             sizes = {k: len(v) for k, v in dataset.bucket_indices().items()}
             raise ValueError(
@@ -232,8 +237,8 @@ class LatentLoader:
 
     def plan(self, epoch: int) -> list[tuple[str, np.ndarray]]:
         """The epoch's global batches: (bucket key, global sample indices (global_batch_size,))."""
-        if self._plan_cache is not None and self._plan_cache[0] == epoch:
-            return self._plan_cache[1]
+        if epoch in self._plans:
+            return self._plans[epoch]
         g = self.global_batch_size
         batches = []
         for b, (key, idx) in enumerate(self.dataset.bucket_indices().items()):
@@ -246,7 +251,9 @@ class LatentLoader:
                 batches.append((key, np.resize(perm, (full + 1) * g)[full * g:]))
         order = np.random.default_rng(np.random.SeedSequence([self.seed, epoch])).permutation(len(batches))
         plan = [batches[i] for i in order]
-        self._plan_cache = (epoch, plan)
+        self._plans[epoch] = plan
+        while len(self._plans) > 2:
+            self._plans.popitem(last=False)
         return plan
 
     def __len__(self) -> int:
@@ -266,19 +273,45 @@ class LatentLoader:
         copy to the GPU can be asynchronous)."""
         return self.dataset.collate(self.dataset.samples(self.local_indices(global_batch)), pin_memory=self.pin_memory)
 
+    def _read_ahead(self, epoch: int, step: int):
+        """The background read-ahead positioned at (epoch, step): the running one when it is there
+        already, else a new one (after set_epoch / load_state_dict the old one is dropped)."""
+        if self._ahead is not None and self._ahead[1] == (epoch, step):
+            return self._ahead[0]
+        self.close()
+        # Through a weak proxy: the read-ahead must not keep the loader alive, so that a dropped loader
+        # stops its threads at once (the finalizer), not at the next cyclic garbage collection.
+        me = weakref.proxy(self)
+        ahead = Prefetcher(lambda at: me.batch(me.plan(at[0])[at[1]][1]), depth=self.prefetch,
+                           threads=self.threads).run(_positions(me, epoch, step))
+        self._ahead = (ahead, (epoch, step))
+        self._stop_ahead = weakref.finalize(self, ahead.close)  # cancels what it read ahead, stops its threads
+        return ahead
+
+    def close(self) -> None:
+        """Stop the background read-ahead (it is started again by the next iteration)."""
+        if self._ahead is not None:
+            self._stop_ahead()
+            self._ahead = None
+
     def __iter__(self):
-        plan = self.plan(self.epoch)
-        steps = range(self._consumed // self.global_batch_size, len(plan))
+        epoch, first = self.epoch, self._consumed // self.global_batch_size
+        steps = range(first, len(self.plan(epoch)))
         if self.prefetch:  # the next batches are read on background threads while the step runs
-            batches = Prefetcher(lambda step: self.batch(plan[step][1]), depth=self.prefetch,
-                                 threads=self.threads).run(steps)
+            ahead = self._read_ahead(epoch, first)
+            for step in steps:
+                at, batch, waited = next(ahead)
+                assert at == (epoch, step), f"read-ahead at {at}, loader at {(epoch, step)}"
+                self._ahead = (ahead, (epoch, step + 1) if step + 1 < len(steps) + first else (epoch + 1, 0))
+                self.last_wait_s = waited
+                self._consumed = (step + 1) * self.global_batch_size
+                yield batch
         else:
-            batches = ((step, *_timed(self.batch, plan[step][1])) for step in steps)
-        for step, batch, waited in batches:
-            self.last_wait_s = waited
-            self._consumed = (step + 1) * self.global_batch_size
-            yield batch
-        self.epoch, self._consumed = self.epoch + 1, 0
+            for step in steps:
+                batch, self.last_wait_s = _timed(self.batch, self.plan(epoch)[step][1])
+                self._consumed = (step + 1) * self.global_batch_size
+                yield batch
+        self.epoch, self._consumed = epoch + 1, 0
 
     def perf_metrics(self) -> dict[str, float]:
         """{"perf/data_wait_s": seconds the training step waited for its batch}: what the trainer logs
@@ -317,6 +350,13 @@ class LatentLoader:
         if state["samples_consumed"] % self.global_batch_size:
             raise ValueError(f"samples_consumed={state['samples_consumed']} is not a whole number of global batches")
         self.epoch, self._consumed = int(state["epoch"]), int(state["samples_consumed"])
+
+
+def _positions(loader: LatentLoader, epoch: int, step: int):
+    """(epoch, step) from here on, across epoch ends, without end."""
+    while True:
+        yield from ((epoch, s) for s in range(step, len(loader.plan(epoch))))
+        epoch, step = epoch + 1, 0
 
 
 def _timed(fn, *args) -> tuple[object, float]:

@@ -267,6 +267,11 @@ def decode_memory_bytes(config: PrecomputeConfig) -> int:
     return 3 * largest * config.clips_per_video * config.rows_per_work_unit + (1 << 30)
 
 
+MAX_PLAN_BLOCKS = 200_000
+"""At most this many blocks of plan rows (a few units each past it): Ray Data's per-block overhead stays
+bounded at 10M clips while every decode core still gets its own blocks."""
+
+
 def _run_pipeline(config: PrecomputeConfig, plan: Plan, vae_fp: dict, text_fp: dict) -> dict:
     """Stream the pending units through the stages; returns this run's counts."""
     import ray
@@ -280,7 +285,11 @@ def _run_pipeline(config: PrecomputeConfig, plan: Plan, vae_fp: dict, text_fp: d
     decode_compute = ray.data.TaskPoolStrategy(size=config.decode_concurrency) if config.decode_concurrency else None
     # The plan's files are read in the cluster: the driver never holds the units' rows.
     filesystem, _ = storage.resolve(config.output)  # credentials and endpoint from this environment
-    ds = ray.data.read_parquet([storage.resolve(f)[1] for f in plan.plan_files], filesystem=filesystem)
+    # One unit per block (up to a cap): a plan file holds many units, and a block is decoded by one task
+    # from start to end, so without the split one task would decode a whole file's units in series
+    # while the encoders wait, and the finished units would reach the writer all at once.
+    ds = ray.data.read_parquet([storage.resolve(f)[1] for f in plan.plan_files], filesystem=filesystem,
+                               override_num_blocks=max(1, min(plan.pending, MAX_PLAN_BLOCKS)))
     # A decode task reserves the memory its unit's clips take. Besides guarding against OOM, this keeps
     # Ray Data from fusing the decode tasks into the VAE actors (it fuses ops with equal resources):
     # fused, the VAE would sit idle during every decode.
@@ -323,7 +332,9 @@ def _run_pipeline(config: PrecomputeConfig, plan: Plan, vae_fp: dict, text_fp: d
             stats["units"] += batch.num_rows
             stats["videos"] += int(pc.sum(batch.column("videos")).as_py() or 0)
             stats["clips"] += clips
-            stats["arrivals"].append((time.time(), clips))  # for the steady-state rate
+            # For the steady-state rate: when each unit was written (by its write task), not when the
+            # driver got it: Ray Data may hand over several units' blocks at once.
+            stats["arrivals"] += zip(batch.column("written_at").to_pylist(), batch.column("rows").to_pylist())
             flat = pc.list_flatten(batch.column("failures"))
             for reason, n in zip(pc.struct_field(flat, "reason").to_pylist(),
                                  pc.struct_field(flat, "count").to_pylist()):
@@ -435,6 +446,7 @@ def steady_rate(arrivals: list[tuple[float, int]]) -> float:
     """Clips per second between the first and the last finished unit: the rate once every actor has
     loaded its model (start-up excluded). 0.0 (unknown) with fewer than 4 units or under a second
     between them: units arrive in bursts, so fewer say nothing."""
+    arrivals = sorted(arrivals)
     if len(arrivals) < 4 or arrivals[-1][0] - arrivals[0][0] < 1.0:
         return 0.0
     return sum(n for _, n in arrivals[1:]) / (arrivals[-1][0] - arrivals[0][0])

@@ -85,7 +85,7 @@ def decode_units(batch, *, buckets: str, fps: float, clips_per_video: int, backe
     `batch`: units as the plan stores them (pipeline/data/source/plan.py PLAN_SCHEMA), a pyarrow table.
     A video that takes longer than `decode_timeout` seconds is recorded with reason "timeout"."""
     from pipeline.data.decode.buckets import parse_buckets
-    from pipeline.data.decode.container import DecodeError, probe
+    from pipeline.data.decode.container import DecodeError, VideoFile
     from pipeline.data.decode.video import decode_clips, plan_clips
     from pipeline.data.source.plan import unit_video_id
 
@@ -113,12 +113,14 @@ def decode_units(batch, *, buckets: str, fps: float, clips_per_video: int, backe
                     return decode_file(record, local)
 
             def decode_file(record, path):
-                info = probe(path)  # size as shown (rotation applied): a phone video is portrait
-                plans = plan_clips(record, info, table, fps, clips_per_video)
-                bucket = plans[0].bucket  # one video, one bucket; its clips share one decoding pass
-                return plans, decode_clips(path, starts=[p.start for p in plans], frames=bucket.frames,
-                                           height=bucket.height, width=bucket.width, fps=fps, backend=backend,
-                                           uint8=True, rotation=info.rotation)  # (3, T, H, W) uint8 each
+                # One open: probed from its packets, then decoded from the same handle (VideoFile).
+                with VideoFile(path) as video:
+                    info = video.info  # size as shown (rotation applied): a phone video is portrait
+                    plans = plan_clips(record, info, table, fps, clips_per_video)
+                    bucket = plans[0].bucket  # one video, one bucket; its clips share one decoding pass
+                    return plans, decode_clips(path, starts=[p.start for p in plans], frames=bucket.frames,
+                                               height=bucket.height, width=bucket.width, fps=fps, backend=backend,
+                                               uint8=True, rotation=info.rotation, video=video)  # (3, T, H, W) uint8
 
             try:
                 plans, decoded = within(decode_timeout, record.path, decode)
