@@ -41,7 +41,7 @@ def test_hand_made_videos_are_detected(colour, direction):
     assert detector.detect(hand_made(colour, direction)) == (colour, direction, found.confidence)
 
 
-@pytest.mark.parametrize("size, frames", [(32, 16), (16, 8)])
+@pytest.mark.parametrize("size, frames", [(16, 8)])  # the demo's size; 32x16 adds 15 s and nothing new
 def test_every_combination_is_detected_after_noise_and_mp4(size, frames, tmp_path):
     config = ShapesConfig(frames=frames, height=size, width=size, shapes=shapes.SHAPES, held_out=0,
                           background_max=40)  # fmt: skip
