@@ -21,8 +21,6 @@ of it (and an object store gets one PUT).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,25 +129,11 @@ def from_bytes(data: bytes, *, source: str) -> TextConditioning:
     )
 
 
-def write_text_conditioning(folder: str | Path, conditioning: TextConditioning) -> Path:
-    """Write <folder>/text_conditioning.safetensors atomically; returns its path."""
-    if storage.is_remote(folder):
-        storage.put_bytes(to_bytes(conditioning), storage.join(folder, FILE_NAME))
-        return storage.join(folder, FILE_NAME)
-    path = Path(folder) / FILE_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = to_bytes(conditioning)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{FILE_NAME}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def write_text_conditioning(folder: str | Path, conditioning: TextConditioning) -> str | Path:
+    """Write <folder>/text_conditioning.safetensors atomically (a local folder or a bucket); returns its path."""
+    target = storage.join(folder, FILE_NAME) if storage.is_remote(folder) else Path(folder) / FILE_NAME
+    storage.put_bytes(to_bytes(conditioning), target)  # local: temporary file, fsync, rename
+    return target
 
 
 def read_text_conditioning(folder: str | Path) -> TextConditioning | None:
