@@ -95,19 +95,44 @@ def test_nonfinite_loss_skips_the_step_and_too_many_stop_the_run(tmp_path):
         assert at3[key].equal(at5[key]), key
 
 
-@pytest.mark.parametrize("extra, message", [
+BAD_CONFIGS = [
     (["--recipe", "nope"], "unknown recipe 'nope'; choose one of debug, S, B, XL"),
     (["--set", "optim.nope=1"], "OptimConfig has no field 'nope'"),
     (["--set", "engine.zero_stage=5"], "EngineConfig.zero_stage=5 must be 1, 2 or 3"),
     (["--set", "data.micro_batch_size=4", "--set", "data.global_batch_size=6"], "not a multiple of micro_batch_size=4"),
+    (["--set", "model.causal=true"], "set flow.per_frame_timesteps=true"),
     (["--set", "parallel.dp=2"], "dp=2 x sp=1 = 2 does not match the world size 1"),
     (["--data", "/nonexistent/latents"], "no manifest.json"),
-    (["--set", "model.causal=true"], "set flow.per_frame_timesteps=true"),
-])
-def test_bad_config_fails_with_a_clear_error(tmp_path, extra, message):
-    result = train_cli(common_args(train_runs.data(), tmp_path / "run") + extra, timeout=120)
-    assert result.returncode == 2, output_of(result)
-    assert message in result.stderr, output_of(result)
+]
+
+# Every case in ONE fresh process (a process each would spend its time importing torch and DeepSpeed):
+# `pomvid train` is called once per case, its stderr captured; the cases that reach the build come last.
+_RUN_CASES = """
+import contextlib, io, json, sys
+from pipeline.cli import main
+out = []
+for args in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["train", *args])
+    out.append([code, err.getvalue()])
+print("RESULTS " + json.dumps(out))
+"""
+
+
+def test_bad_configs_fail_with_a_clear_error(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    cases = [common_args(train_runs.data(), tmp_path / f"run{i}") + extra for i, (extra, _) in enumerate(BAD_CONFIGS)]
+    result = subprocess.run([sys.executable, "-c", _RUN_CASES, json.dumps(cases)], env=cpu_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, output_of(result)
+    results = json.loads(result.stdout.split("RESULTS ", 1)[1])
+    for (extra, message), (code, stderr) in zip(BAD_CONFIGS, results, strict=True):
+        assert code == 2, (extra, code, stderr)
+        assert message in stderr, (extra, stderr)
 
 
 def test_existing_checkpoints_need_resume_auto():
