@@ -16,7 +16,7 @@ from pipeline.data.decode import readers
 from pipeline.data.decode.buckets import parse_buckets
 from pipeline.data.decode.container import REASONS, DecodeError, probe
 from pipeline.data.decode.frames import crop_box, select_frames, target_times
-from pipeline.data.decode.video import decode_clip, decode_clips, plan_clips
+from pipeline.data.decode.video import decode_clip, decode_clips, open_video, plan_clips
 from pipeline.data.source.manifest import VideoRecord
 from tests.videos import VFR_TIMESTAMPS, read_frame_index
 
@@ -177,9 +177,14 @@ def test_damaged_files_never_crash(test_videos, tmp_path, keep):
         middle = int(len(data) * keep)
         noisy.write_bytes(data[:middle] + rng.integers(0, 256, 64, dtype=np.uint8).tobytes() + data[middle + 64:])
         for path, reasons in ((cut, {"truncated"}), (noisy, REASONS)):
-            for backend in ["auto", *BACKENDS]:
+            for backend in ["opened", "auto", *BACKENDS]:
                 try:
-                    clip = decode_clip(path, frames=4, height=16, width=16, fps=8, backend=backend)
+                    if backend == "opened":  # the pipeline's way: open_video's single pass, then decode
+                        with open_video(path) as video:
+                            clip = decode_clips(path, starts=[0.0], frames=4, height=16, width=16, fps=8,
+                                                rotation=video.info.rotation, video=video)[0]
+                    else:
+                        clip = decode_clip(path, frames=4, height=16, width=16, fps=8, backend=backend)
                     assert clip.shape == (3, 4, 16, 16) and np.isfinite(clip).all()
                 except DecodeError as e:
                     assert e.reason in reasons, (path.name, backend, e)
@@ -296,6 +301,8 @@ def test_rotated_phone_video_is_decoded_upright_into_a_portrait_bucket(tmp_path)
                     str(rotated)], check=True)
     info = probe(rotated)
     assert (info.width, info.height, info.rotation) == (48, 96, 90)
+    with open_video(rotated, backend="auto") as opened:  # the pipeline's open: a rotated video is PyAV's
+        assert opened.info == info and opened.decord_index is None
     record = VideoRecord(path=str(rotated), caption="a phone video", source_row=0, source="m")
     (plan,) = plan_clips(record, info, parse_buckets("9x32x48,9x48x32"), 8.0)
     assert plan.bucket.name == "9x48x32"  # portrait, as shown
@@ -326,39 +333,65 @@ def _count_opens(monkeypatch) -> list[str]:
 
 @pytest.mark.parametrize("backend", ["pyav", "auto"])
 @pytest.mark.parametrize("name", ["fps60", "vfr"])
-def test_probe_and_decode_share_one_open(test_videos, monkeypatch, backend, name):
-    """A VideoFile is probed from its packets and decoded from the same PyAV handle, keyframes
-    included (the second clip needs them): one PyAV open, plus decord's own reader when decord
-    decodes; the clips equal those of a fresh handle."""
+def test_probe_and_decode_share_one_pass(test_videos, monkeypatch, backend, name):
+    """open_video probes a file with the reader that then decodes it: PyAV's walk of its handle
+    (keyframes included: the second clip needs them), or decord's index (no PyAV walk). Nothing is
+    opened again to decode, and the clips equal those of a fresh handle."""
     from pipeline.data.decode.container import VideoFile
 
     video, starts = getattr(test_videos, name), [0.0, 2.0]
     kw = dict(frames=5, height=16, width=16, fps=6, backend=backend)
-    fresh = decode_clips(video.path, starts=starts, **kw)
-    opens = _count_opens(monkeypatch)
-    with VideoFile(video.path) as opened:
-        assert opened.info == probe(video.path)
-        opens.clear()  # the probe() just above opened the file on its own
-        clips = decode_clips(video.path, starts=starts, rotation=opened.info.rotation, video=opened, **kw)
-    assert opens == (["decord"] if backend == "auto" and readers.HAVE_DECORD else [])
+    fresh, probed = decode_clips(video.path, starts=starts, **kw), probe(video.path)
+    opens, walks = _count_opens(monkeypatch), _count_walks(monkeypatch)
+    with open_video(video.path, backend=backend) as opened:
+        decord_indexed = backend == "auto" and readers.HAVE_DECORD
+        assert opens == (["av", "decord"] if decord_indexed else ["av"]) and walks == ([] if decord_indexed else [1])
+        info = opened.info
+        assert info.backend == ("decord" if decord_indexed else "pyav")
+        assert (info.width, info.height, info.num_frames, info.rotation) == \
+            (probed.width, probed.height, probed.num_frames, probed.rotation)
+        assert abs(info.duration - probed.duration) < 1e-3 and not info.truncated
+        opens.clear()
+        clips = decode_clips(video.path, starts=starts, rotation=info.rotation, video=opened, **kw)
+    assert opens == [] and len(walks) <= 1
     for start, clip, reference in zip(starts, clips, fresh):
         assert indices(clip) == expected(video.timestamps, start, 5, 6)
         np.testing.assert_array_equal(clip, reference)
+    with VideoFile(video.path) as walked:  # a PyAV handle decoded by decord: decord opens its own reader
+        assert walked.info == probed
+        opens.clear()
+        decode_clips(video.path, starts=starts, rotation=0, video=walked, **kw)
+    assert opens == (["decord"] if backend == "auto" and readers.HAVE_DECORD else [])
 
 
-def test_decode_units_opens_each_video_once(test_videos, monkeypatch, tmp_path):
-    """The pipeline's decode task: one open per video (PyAV backend), probe and decode included."""
+def _count_walks(monkeypatch) -> list[int]:
+    """One entry per PyAV probe walk over a file's packets from now on."""
+    from pipeline.data.decode.container import VideoFile
+
+    walks: list[int] = []
+    real_walk = VideoFile._walk
+    monkeypatch.setattr(VideoFile, "_walk", lambda self: (walks.append(1), real_walk(self))[1])
+    return walks
+
+
+@pytest.mark.parametrize("backend", ["pyav", "auto"])
+def test_decode_units_reads_each_video_once(test_videos, monkeypatch, tmp_path, backend):
+    """The pipeline's decode task: one PyAV open per video, and one pass over its packets (PyAV's
+    walk, or decord's index under "auto"), probe and decode included."""
     import pyarrow.parquet as pq
 
     from pipeline.data.precompute.stages import decode_units
     from pipeline.data.source.plan import plan_run
 
-    paths = [test_videos.fps60.path, test_videos.landscape.path, test_videos.portrait.path]
+    # Not the 48-wide portrait video: decord cannot hand out frames 48 wide and opens a wider reader.
+    paths = [test_videos.fps60.path, test_videos.landscape.path, test_videos.fps24.path]
     manifest = tmp_path / "m.csv"
     manifest.write_text("video,caption\n" + "".join(f"{p},video {i}\n" for i, p in enumerate(paths)))
     plan = plan_run(manifest, rows_per_unit=3, settings_hash="s", finished=[], write_to=tmp_path)
-    opens = _count_opens(monkeypatch)
+    opens, walks = _count_opens(monkeypatch), _count_walks(monkeypatch)
     decoded = decode_units(pq.read_table(plan.plan_files[0]), buckets="9x32x32,9x32x48,9x48x32", fps=8.0,
-                           clips_per_video=2, backend="pyav")
-    assert json.loads(decoded["meta"][0])["errors"] == [] and len(json.loads(decoded["meta"][0])["clips"]) == 4
-    assert opens == ["av"] * len(paths)
+                           clips_per_video=2, backend=backend)
+    assert json.loads(decoded["meta"][0])["errors"] == [] and len(json.loads(decoded["meta"][0])["clips"]) == 5
+    decord_indexed = backend == "auto" and readers.HAVE_DECORD
+    assert opens == (["av", "decord"] if decord_indexed else ["av"]) * len(paths)
+    assert len(walks) == (0 if decord_indexed else len(paths))

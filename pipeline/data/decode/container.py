@@ -46,7 +46,7 @@ class VideoInfo:
     duration: float
     """Seconds from the first frame's start to the last frame's end."""
     backend: str
-    """The library that read this information ("pyav")."""
+    """The library whose pass over the packets gave this information ("pyav" or "decord")."""
     claimed_duration: float | None = None
     """Seconds the container header claims; None when it does not say."""
     rotation: int = 0
@@ -128,26 +128,55 @@ def _first_frame_rotation(packet, keep_trying: bool) -> int | None:
 
 
 class VideoFile:
-    """One video opened once: probed from its own packets, then decoded from the same PyAV handle.
+    """One video opened once: probed, then decoded from the same handle.
 
     Probing walks every packet (demuxing, no decoding), so it reads the whole file; the walk also
     keeps the keyframe times, which PyAV's multi-clip decode needs. Decoding then seeks this handle
     back to the start instead of opening the file again. Use as a context manager, or close().
+
+    walk=False opens the header only: video.open_video then reads the first frame's rotation and lets
+    decord's own index (its one pass over the packets) stand in for the walk (`decord_index`, `info`).
     """
 
-    def __init__(self, path: str | os.PathLike, *, threads: int = 1):
-        self.path = os.fspath(path)
+    def __init__(self, path: str | os.PathLike, *, threads: int = 1, walk: bool = True):
+        self.path, self.threads = os.fspath(path), threads
+        self.walked = False  # True once packets were read: decoding must seek back first
+        self.info: VideoInfo | None = None
+        self.keyframe_pts: list[int] | None = None
+        self.decord_index = None  # readers.DecordIndex when decord indexed the file instead of the walk
+        self._open()
+        if walk:
+            self.walk()
+
+    def _open(self) -> None:
         self.container, self.stream = open_container(self.path)
-        # Before the probe decodes its first frame: a codec's thread count is fixed once it is open.
-        self.stream.codec_context.thread_count = threads
-        if threads > 1:
+        # Before the first decode: a codec's thread count is fixed once it is open.
+        self.stream.codec_context.thread_count = self.threads
+        if self.threads > 1:
             self.stream.codec_context.thread_type = "AUTO"
-        self.walked = False  # True once the packets were read: decoding must seek back first
+
+    def walk(self) -> None:
+        """Probe from the packets (sets `info` and `keyframe_pts`)."""
+        if self.walked:  # packets were read already (the first frame's rotation): start on a fresh handle
+            self.container.close()
+            self._open()
         try:
             self.info, self.keyframe_pts = self._walk()
         except BaseException:
             self.close()
             raise
+
+    def first_frame_rotation(self) -> int:
+        """The display rotation (0, 90, 180, 270), reading packets only until the first frame decodes."""
+        self.walked = True
+        try:
+            for count, packet in enumerate(self.container.demux(self.stream)):
+                rotation = _first_frame_rotation(packet, keep_trying=count < 32)
+                if rotation is not None:
+                    return rotation
+        except Exception:  # noqa: BLE001 - damaged data: the decoder that reads the file judges it
+            pass
+        return 0
 
     def __enter__(self) -> VideoFile:
         return self
@@ -156,6 +185,7 @@ class VideoFile:
         self.close()
 
     def close(self) -> None:
+        self.decord_index = None  # drops decord's reader (it has no close)
         self.container.close()
 
     def _walk(self) -> tuple[VideoInfo, list[int]]:

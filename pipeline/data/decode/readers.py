@@ -8,6 +8,8 @@ forward and seeks only when a clip starts after a keyframe it has not reached ye
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -41,21 +43,21 @@ class _SizeQuirk(Exception):
     check fails on their padded rows."""
 
 
-def decode_decord(path: str, container, stream, clips: list[np.ndarray], height: int, width: int,
-                  threads: int, rotation: int = 0) -> list[torch.Tensor]:
-    """Timestamps from decord's index, then get_batch on the union of the chosen frames."""
-    src_h, src_w = stream.codec_context.height, stream.codec_context.width
-    size = (-1, -1)  # native size: torch resizes (faster than libswscale's bicubic, same for PyAV)
-    for _ in range(3):
-        try:
-            return _decode_decord(path, container, stream, clips, height, width, threads, size, rotation)
-        except _SizeQuirk:  # decode one pixel wider instead (only tiny videos hit this)
-            w = (src_w if size[0] < 0 else size[0]) + 1
-            size = (w, round(w * src_h / src_w))
-    raise DecodeError("corrupt", f"{path}: decord cannot return frames of this size; use backend='pyav'")
+@dataclass(frozen=True)
+class DecordIndex:
+    """A decord reader and the frame times its index gave (one pass over the file's packets)."""
+
+    reader: object
+    """decord.VideoReader at the size it was opened with."""
+    starts: np.ndarray
+    """Start time of each frame in seconds, from the first frame's."""
+    end: float
+    """When the last frame ends, in the same seconds."""
 
 
-def _decode_decord(path, container, stream, clips, height, width, threads, size, rotation) -> list[torch.Tensor]:
+def index_decord(path: str, threads: int, size: tuple[int, int] = (-1, -1)) -> DecordIndex:
+    """Open a decord reader (it indexes every packet) and read its frame times, or DecodeError.
+    size: (width, height) decord scales to; (-1, -1) keeps the native size."""
     try:
         reader = decord.VideoReader(path, ctx=decord.cpu(0), width=size[0], height=size[1], num_threads=threads)
     except Exception as e:
@@ -65,27 +67,48 @@ def _decode_decord(path, container, stream, clips, height, width, threads, size,
         if n == 0:
             raise DecodeError("corrupt", f"{path}: decord finds no frames")
         times = reader.get_frame_timestamp(np.arange(n))  # (n, 2): start, end seconds of each frame
-        starts = times[:, 0] - times[0, 0]
-        if np.any(np.diff(starts) < 0):
-            raise DecodeError("corrupt", f"{path}: decord's frame times are out of order")
-        end = float(times[-1, 1] - times[0, 0])
-        last = max(clips, key=lambda t: t[-1])
-        if last[-1] > end - TIME_TOLERANCE:
-            raise shortfall_error(path, container, stream, end, last)
-        index = select_frames(starts, np.concatenate(clips))
-        unique, inverse = np.unique(index, return_inverse=True)
-        chunks = []
-        for i in range(0, len(unique), _DECORD_CHUNK):
-            batch = reader.get_batch(unique[i:i + _DECORD_CHUNK].tolist()).asnumpy()  # (u, h, w, 3)
-            chunks.append(resize_crop(batch, height, width, rotation))  # (u, 3, H, W) uint8, upright
     except DecodeError:
         raise
+    except Exception as e:  # decord raises its own DECORDError / RuntimeError on bad data
+        raise DecodeError("corrupt", f"{path}: decord cannot read its frame times ({first_line(e)})") from None
+    starts = times[:, 0] - times[0, 0]
+    if np.any(np.diff(starts) < 0):
+        raise DecodeError("corrupt", f"{path}: decord's frame times are out of order")
+    return DecordIndex(reader=reader, starts=starts, end=float(times[-1, 1] - times[0, 0]))
+
+
+def decode_decord(path: str, container, stream, clips: list[np.ndarray], height: int, width: int,
+                  threads: int, rotation: int = 0, index: DecordIndex | None = None) -> list[torch.Tensor]:
+    """Timestamps from decord's index, then get_batch on the union of the chosen frames. index: the
+    file already indexed at its native size (video.open_video); else a reader is opened here."""
+    src_h, src_w = stream.codec_context.height, stream.codec_context.width
+    size = (-1, -1)  # native size: torch resizes (faster than libswscale's bicubic, same for PyAV)
+    for _ in range(3):
+        try:
+            return _read_decord(path, container, stream, clips, height, width, rotation,
+                                index or index_decord(path, threads, size))
+        except _SizeQuirk:  # decode one pixel wider instead (only tiny videos hit this)
+            index = None
+            w = (src_w if size[0] < 0 else size[0]) + 1
+            size = (w, round(w * src_h / src_w))
+    raise DecodeError("corrupt", f"{path}: decord cannot return frames of this size; use backend='pyav'")
+
+
+def _read_decord(path, container, stream, clips, height, width, rotation, index: DecordIndex) -> list[torch.Tensor]:
+    last = max(clips, key=lambda t: t[-1])
+    if last[-1] > index.end - TIME_TOLERANCE:
+        raise shortfall_error(path, container, stream, index.end, last)
+    chosen = select_frames(index.starts, np.concatenate(clips))
+    unique, inverse = np.unique(chosen, return_inverse=True)
+    chunks = []
+    try:
+        for i in range(0, len(unique), _DECORD_CHUNK):
+            batch = index.reader.get_batch(unique[i:i + _DECORD_CHUNK].tolist()).asnumpy()  # (u, h, w, 3)
+            chunks.append(resize_crop(batch, height, width, rotation))  # (u, 3, H, W) uint8, upright
     except Exception as e:  # decord raises its own DECORDError / RuntimeError on bad data
         if "DECORDArrayCopyFromTo" in str(e):
             raise _SizeQuirk from None
         raise DecodeError("corrupt", f"{path}: decord failed reading frames ({first_line(e)})") from None
-    finally:
-        del reader
     frames = torch.cat(chunks)[torch.from_numpy(inverse.reshape(-1))]  # (sum T, 3, H, W)
     return list(frames.split([len(t) for t in clips]))
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline.data.decode import readers
 from pipeline.data.decode.buckets import TIME_TOLERANCE, Bucket, BucketTable, assign_bucket
-from pipeline.data.decode.container import DecodeError, VideoFile, VideoInfo, open_container
+from pipeline.data.decode.container import DecodeError, VideoFile, VideoInfo, claimed_duration, open_container
 from pipeline.data.decode.frames import target_times, to_channels_first, to_model_range
 from pipeline.data.source.manifest import VideoRecord
 
@@ -73,6 +73,42 @@ def plan_clips(record: VideoRecord, info: VideoInfo, table: BucketTable, fps: fl
             for i, s in enumerate(assignment.starts)]
 
 
+def open_video(path: str | os.PathLike, *, backend: str = "auto", threads: int = 1) -> VideoFile:
+    """The video opened and probed by the pass over its packets that the decoding needs anyway, for
+    decode_clips(video=...): the file is read once.
+
+    PyAV (backend "pyav", rotated videos, no decord installed) walks the packets of its handle.
+    decord indexes every packet when it opens a reader, so for decord the header and the first
+    frame's rotation come from PyAV and the frame count and times from that reader; the walk is
+    skipped. If decord cannot index the file ("auto"), PyAV walks it instead.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+    if backend == "pyav" or not readers.HAVE_DECORD:
+        return VideoFile(path, threads=threads)  # decode_clips explains backend="decord" without decord
+    video = VideoFile(path, threads=threads, walk=False)
+    try:
+        if video.first_frame_rotation() % 360 == 0:  # rotated videos are PyAV's (decode_clips)
+            try:
+                index = readers.index_decord(video.path, threads)
+            except DecodeError:
+                if backend == "decord":
+                    raise
+                index = None
+            if index is not None and index.end > 0:  # 0: one frame left of a cut file; PyAV's walk tells
+                context = video.stream.codec_context
+                video.decord_index = index
+                video.info = VideoInfo(width=context.width, height=context.height, fps=len(index.starts) / index.end,
+                                       num_frames=len(index.starts), duration=index.end, backend="decord",
+                                       claimed_duration=claimed_duration(video.container, video.stream))
+                return video
+        video.walk()
+        return video
+    except BaseException:
+        video.close()
+        raise
+
+
 def decode_clips(path: str | os.PathLike, *, starts: list[float], frames: int, height: int, width: int,
                  fps: float, backend: str = "auto", threads: int = 1, uint8: bool = False,
                  rotation: int = 0, video: VideoFile | None = None) -> list[np.ndarray]:
@@ -85,8 +121,8 @@ def decode_clips(path: str | os.PathLike, *, starts: list[float], frames: int, h
     video's display rotation (probe's VideoInfo.rotation): frames come out upright. video: the
     file already opened and probed (VideoFile, left open for the caller to close): PyAV decodes
     from that handle and uses its keyframes, so the file is not opened and walked again; without
-    it the file is opened here (header only: no probe walk) and closed. decord always opens its
-    own reader (it cannot read from a PyAV handle).
+    it the file is opened here (header only: no probe walk) and closed. decord reads with the reader
+    open_video indexed, or opens its own (it cannot read from a PyAV handle).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
@@ -117,7 +153,9 @@ def decode_clips(path: str | os.PathLike, *, starts: list[float], frames: int, h
         decoded = None
         if use_decord:
             try:
-                decoded = readers.decode_decord(path, container, stream, clips, height, width, threads, rotation)
+                index = video.decord_index if video is not None else None
+                decoded = readers.decode_decord(path, container, stream, clips, height, width, threads, rotation,
+                                                index=index)
             except DecodeError as e:
                 # A clean too_short is final; anything else gets a second chance with PyAV.
                 if backend == "decord" or e.reason == "too_short":

@@ -85,8 +85,8 @@ def decode_units(batch, *, buckets: str, fps: float, clips_per_video: int, backe
     `batch`: units as the plan stores them (pipeline/data/source/plan.py PLAN_SCHEMA), a pyarrow table.
     A video that takes longer than `decode_timeout` seconds is recorded with reason "timeout"."""
     from pipeline.data.decode.buckets import parse_buckets
-    from pipeline.data.decode.container import DecodeError, VideoFile
-    from pipeline.data.decode.video import decode_clips, plan_clips
+    from pipeline.data.decode.container import DecodeError
+    from pipeline.data.decode.video import decode_clips, open_video, plan_clips
     from pipeline.data.source.plan import unit_video_id
 
     table = parse_buckets(buckets)
@@ -113,8 +113,8 @@ def decode_units(batch, *, buckets: str, fps: float, clips_per_video: int, backe
                     return decode_file(record, local)
 
             def decode_file(record, path):
-                # One open: probed from its packets, then decoded from the same handle (VideoFile).
-                with VideoFile(path) as video:
+                # One pass over the file: probed by the reader that then decodes it (open_video).
+                with open_video(path, backend=backend) as video:
                     info = video.info  # size as shown (rotation applied): a phone video is portrait
                     plans = plan_clips(record, info, table, fps, clips_per_video)
                     bucket = plans[0].bucket  # one video, one bucket; its clips share one decoding pass
