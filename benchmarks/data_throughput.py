@@ -3,9 +3,10 @@
 Decode part (this file, so far): decoded clips per second per CPU core, decord against PyAV,
 17 frames at 256x256 sampled at 8 fps from 720p H.264 sources made with ffmpeg in a temporary
 folder (x264 defaults: B-frames, a keyframe every 250 frames). One process, one decoder thread
-(`threads=1`), the way one Ray CPU task decodes: each video is probed and planned
-(pipeline.data.decode.plan_clips: up to --clips-per-video non-overlapping clips), then its clips
-are decoded in one pass (decode_clips), or one by one (decode_clip, the "per clip" rows: each
+(`threads=1`), the way one Ray CPU task decodes: each video is opened and probed by the reader that
+decodes it (open_video: decord's index, or PyAV's walk) and planned (pipeline.data.decode.plan_clips: up
+to --clips-per-video non-overlapping clips), then its clips are decoded in one pass (decode_clips), or
+one by one (decode_clip, the "per clip" rows: each
 clip decodes again from the keyframe before it). "clips/CPU-s" divides by the process's CPU
 time, so it stays a per-core figure on a busy machine; "clips/s" is wall time. A naive baseline
 (PyAV converts every frame at full size, torch resizes the chosen ones in float32) shows what
@@ -36,7 +37,7 @@ import torch
 from pipeline.data.decode.buckets import Bucket, BucketTable
 from pipeline.data.decode.container import probe
 from pipeline.data.decode.frames import crop_box
-from pipeline.data.decode.video import decode_clip, decode_clips, plan_clips
+from pipeline.data.decode.video import decode_clip, decode_clips, open_video, plan_clips
 from pipeline.data.source.manifest import VideoRecord
 
 
@@ -100,18 +101,25 @@ def _plans(paths: list[Path], bucket: Bucket, fps: float, clips_per_video: int):
 
 def measure_decode(paths: list[Path], *, backend: str, bucket: Bucket, fps: float, clips_per_video: int,
                    per_clip: bool = False) -> Row:
-    """probe + plan, then decode_clips once per video (all its clips in one pass), or
-    decode_clip once per clip (per_clip), one decoder thread."""
+    """As the pipeline's decode task: open_video (one pass: probe by the decoding reader) + plan, then
+    decode_clips once per video (all its clips in one pass); or probe + plan, then decode_clip once per
+    clip (per_clip, each opening the file). One decoder thread."""
+    kw = dict(frames=bucket.frames, height=bucket.height, width=bucket.width, fps=fps, backend=backend, threads=1)
+    table = BucketTable(buckets=(bucket,))
 
     def run() -> int:
         clips = 0
-        for path, plans in _plans(paths, bucket, fps, clips_per_video):
-            kw = dict(frames=bucket.frames, height=bucket.height, width=bucket.width, fps=fps, backend=backend,
-                      threads=1)
-            if per_clip:
+        if per_clip:
+            for path, plans in _plans(paths, bucket, fps, clips_per_video):
                 out = [decode_clip(path, start=plan.start, **kw) for plan in plans]
-            else:
-                out = decode_clips(path, starts=[plan.start for plan in plans], **kw)
+                clips += len(out)
+            return clips
+        for i, path in enumerate(paths):
+            record = VideoRecord(path=str(path.absolute()), caption="x", source_row=i, source="benchmark")
+            with open_video(path, backend=backend) as video:
+                plans = plan_clips(record, video.info, table, fps, clips_per_video)
+                out = decode_clips(path, starts=[plan.start for plan in plans], rotation=video.info.rotation,
+                                   video=video, **kw)
             assert all(c.shape == (3, bucket.frames, bucket.height, bucket.width) for c in out)
             clips += len(out)
         return clips

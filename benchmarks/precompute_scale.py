@@ -3,7 +3,10 @@
 Rows:
 - `pomvid precompute --plan-only` on synthetic Parquet manifests (paths need not exist; captions of
   about 60 characters) of 100k, 1M and 10M rows: wall time, time per row, and the driver's peak RSS
-  (and what it added to the RSS after imports), each size in a fresh process;
+  (and what it added to the RSS after imports), each size in a fresh process, `--repeats` times
+  interleaved (100k, 1M, 10M, 100k, ...); the fastest run of each size is shown, then the time-per-row
+  ratios 10M / 1M from the fastest runs and from the medians (the machine is shared: one run's wall
+  time says as much about the load as about the code);
 - an output with N finished shards (default 625k: 10M clips in units of 16; tiny fake files in the
   hash-prefixed folders) whose index rows were appended by the run as parts: one listing of shards/,
   the merge into index.parquet and the totals, as the end of a run does (`finish_manifest`).
@@ -12,7 +15,7 @@ Bars (issue 12, this 2-core machine): 10M rows planned in under 120 s with under
 time per row at 10M no more than 1.5x that at 1M; 625k shards listed, indexed and totalled in under 60 s.
 
     python benchmarks/precompute_scale.py
-    python benchmarks/precompute_scale.py --rows 100000 1000000 --shards 100000 --folder /tmp/scale
+    python benchmarks/precompute_scale.py --rows 100000 1000000 --shards 100000 --folder /tmp/scale --repeats 1
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -109,15 +113,30 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
     parser.add_argument("--shards", type=int, default=625_000)
     parser.add_argument("--folder", help="where the synthetic manifests go (default: a temporary folder)")
+    parser.add_argument("--repeats", type=int, default=3, help="plan runs per size, interleaved")
     args = parser.parse_args()
     folder = Path(args.folder or tempfile.mkdtemp(prefix="precompute_scale_"))
     folder.mkdir(parents=True, exist_ok=True)
-    print("| rows | units | plan wall (s) | us per row | driver peak RSS (MiB) | added by planning (MiB) |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    for rows in args.rows:
-        r = bench_plan(folder, rows)
-        print(f"| {rows:,} | {r['units']:,} | {r['seconds']:.1f} | {1e6 * r['seconds'] / rows:.2f} | "
-              f"{r['peak_kib'] / 1024:.0f} | {(r['peak_kib'] - r['base_kib']) / 1024:.0f} |", flush=True)
+    runs: dict[int, list[dict]] = {rows: [] for rows in args.rows}
+    for _ in range(args.repeats):
+        for rows in args.rows:
+            runs[rows].append(bench_plan(folder, rows))
+    print("| rows | units | plan wall, fastest (s) | all runs (s) | us per row | driver peak RSS (MiB) "
+          "| added by planning (MiB) |")
+    print("| ---: | ---: | ---: | --- | ---: | ---: | ---: |")
+    for rows, results in runs.items():
+        r = min(results, key=lambda x: x["seconds"])
+        every = " / ".join(f"{x['seconds']:.1f}" for x in results)
+        peak = max(x["peak_kib"] for x in results)
+        print(f"| {rows:,} | {r['units']:,} | {r['seconds']:.1f} | {every} | {1e6 * r['seconds'] / rows:.2f} | "
+              f"{peak / 1024:.0f} | {(peak - r['base_kib']) / 1024:.0f} |", flush=True)
+    largest, previous = sorted(args.rows)[-1], sorted(args.rows)[-2] if len(args.rows) > 1 else None
+    if previous:
+        def per_row(rows, pick):
+            return pick([x["seconds"] for x in runs[rows]]) / rows
+        print(f"\ntime per row, {largest:,} rows / {previous:,} rows: "
+              f"{per_row(largest, min) / per_row(previous, min):.2f}x (fastest runs), "
+              f"{per_row(largest, statistics.median) / per_row(previous, statistics.median):.2f}x (medians)")
     if args.shards:
         r = bench_index(folder, args.shards)
         print("\n| finished shards | list + index + totals (s) | manifest.json (bytes) | making the fake shards (s) |")
