@@ -111,6 +111,9 @@ def test_cogvideox_t5_shards_manifest_and_errors(cog_run, inputs, capsys):
     assert summary["status"] == "complete" and summary["videos_in"] == n_good + n_bad
     assert summary["clips_out"] == summary["clips_this_run"] == n_good  # one clip per good video
     assert summary["failed_videos"] == n_bad and summary["clips_per_second"] > 0
+    # Each unit its own decode task (the plan's rows are split one per block): units stream through the
+    # stages one by one instead of a block of them decoded in series and handed on at once.
+    assert summary["decode_tasks"] == summary["work_units_written"] == 6
     reasons = sorted(inputs["bad"].values())
     assert summary["failures_by_reason"] == {r: reasons.count(r) for r in set(reasons)}
 

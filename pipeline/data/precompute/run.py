@@ -267,17 +267,13 @@ def decode_memory_bytes(config: PrecomputeConfig) -> int:
     return 3 * largest * config.clips_per_video * config.rows_per_work_unit + (1 << 30)
 
 
-MAX_PLAN_BLOCKS = 200_000
-"""At most this many blocks of plan rows (a few units each past it): Ray Data's per-block overhead stays
-bounded at 10M clips while every decode core still gets its own blocks."""
-
-
 def _run_pipeline(config: PrecomputeConfig, plan: Plan, vae_fp: dict, text_fp: dict) -> dict:
     """Stream the pending units through the stages; returns this run's counts."""
     import ray
     from tqdm import tqdm
 
-    stats = {"units": 0, "videos": 0, "clips": 0, "failures": {}, "arrivals": [], "written": [], "nodes": set()}
+    stats = {"units": 0, "videos": 0, "clips": 0, "failures": {}, "arrivals": [], "written": [], "nodes": set(),
+             "decode_tasks": set()}
     if not plan.pending:
         return stats
     ctx = ray.data.DataContext.get_current()
@@ -285,11 +281,13 @@ def _run_pipeline(config: PrecomputeConfig, plan: Plan, vae_fp: dict, text_fp: d
     decode_compute = ray.data.TaskPoolStrategy(size=config.decode_concurrency) if config.decode_concurrency else None
     # The plan's files are read in the cluster: the driver never holds the units' rows.
     filesystem, _ = storage.resolve(config.output)  # credentials and endpoint from this environment
-    # One unit per block (up to a cap): a plan file holds many units, and a block is decoded by one task
-    # from start to end, so without the split one task would decode a whole file's units in series
-    # while the encoders wait, and the finished units would reach the writer all at once.
-    ds = ray.data.read_parquet([storage.resolve(f)[1] for f in plan.plan_files], filesystem=filesystem,
-                               override_num_blocks=max(1, min(plan.pending, MAX_PLAN_BLOCKS)))
+    # One unit per block: a block is decoded by one task from start to end, and the reader packs plan rows
+    # into blocks by bytes (a unit's row is ~2 KB, so thousands of units a block). Without the split one
+    # task would decode a block's units in series while the encoders wait, every later stage would get
+    # them as one block, and the finished units would reach the writer all at once. The split streams:
+    # the driver never holds the plan's rows or all their blocks.
+    ds = ray.data.read_parquet([storage.resolve(f)[1] for f in plan.plan_files], filesystem=filesystem)
+    ds = ds.repartition(target_num_rows_per_block=1)
     # A decode task reserves the memory its unit's clips take. Besides guarding against OOM, this keeps
     # Ray Data from fusing the decode tasks into the VAE actors (it fuses ops with equal resources):
     # fused, the VAE would sit idle during every decode.
@@ -328,6 +326,7 @@ def _run_pipeline(config: PrecomputeConfig, plan: Plan, vae_fp: dict, text_fp: d
             appender.add(batch)
             stats["written"] += batch.column("unit_id").to_pylist()
             stats["nodes"].update(batch.column("decode_node").to_pylist() + batch.column("write_node").to_pylist())
+            stats["decode_tasks"].update(batch.column("decode_task").to_pylist())
             clips = int(pc.sum(batch.column("rows")).as_py() or 0)
             stats["units"] += batch.num_rows
             stats["videos"] += int(pc.sum(batch.column("videos")).as_py() or 0)
@@ -433,6 +432,7 @@ def run_precompute(config: PrecomputeConfig) -> dict:
         "text_max_length": text["max_length"],
         "failures_by_reason": totals["failures_by_reason"],
         "nodes": sorted(n for n in stats["nodes"] if n),  # Ray nodes that decoded or wrote units this run
+        "decode_tasks": len({t for t in stats["decode_tasks"] if t}),  # one per unit when units stream singly
         "pipeline_seconds": round(seconds, 3),
         "total_seconds": round(time.time() - start, 3),
         "clips_per_second": round(stats["clips"] / seconds, 3) if stats["clips"] else 0.0,
@@ -463,7 +463,8 @@ def format_summary(summary: dict) -> str:
         f"  captions cut      {summary['long_captions']}  (clips whose caption has more than the text encoder's "
         f"{summary['text_max_length']} tokens)" + "".join(f"\n                    e.g. {c[:100]!r}"
                                                          for c in summary["long_caption_examples"][:3]),
-        f"  Ray nodes         {len(summary['nodes'])}  (decoded or wrote work units this run)",
+        f"  Ray nodes         {len(summary['nodes'])}  (decoded or wrote work units this run, in "
+        f"{summary['decode_tasks']} decode tasks)",
         f"  clips per second  {summary['clips_per_second']:.2f}  ({summary['clips_this_run']} clips in "
         f"{summary['pipeline_seconds']:.1f} s; {summary['total_seconds']:.1f} s with start-up; "
         + (f"{summary['steady_clips_per_second']:.2f} once running)" if summary["steady_clips_per_second"]

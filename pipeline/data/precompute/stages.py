@@ -143,7 +143,7 @@ def decode_units(batch, *, buckets: str, fps: float, clips_per_video: int, backe
         # Shard rows go by bucket (table order), then manifest row, then clip: the loader relies on it.
         ranked = sorted(range(len(clips)), key=lambda i: clips[i].pop("_sort"))
         meta = {"videos": len(videos), "clips": [clips[i] for i in ranked], "errors": errors,
-                "decode_node": node_id()}
+                "decode_node": node_id(), "decode_task": task_id()}
         out["unit_id"].append(unit_id)
         out["meta"].append(json.dumps(meta))
         out["video"].append(_flat([arrays[i] for i in ranked], np.uint8))
@@ -155,6 +155,14 @@ def node_id() -> str:
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+def task_id() -> str:
+    """The Ray task running this ("" outside Ray): the summary counts the decode tasks, one per unit
+    when the units stream through the stages one by one."""
+    import ray
+
+    return (ray.get_runtime_context().get_task_id() or "") if ray.is_initialized() else ""
 
 
 def _set_threads(num_cpus: float) -> None:
@@ -312,7 +320,9 @@ def write_units(batch: dict, *, output: str, storage_dtype: str, bucket_keys: li
         cols["long_caption_examples"].append(shard_meta["long_caption_examples"])
     table = index_table(cols)
     table = table.append_column("written_at", pa.array([time.time()] * table.num_rows, pa.float64()))
-    # Where each unit was decoded and written (not stored in the index: the summary reports the nodes).
-    decode_nodes = [json.loads(m).get("decode_node", "") for m in batch["meta"]]
-    table = table.append_column("decode_node", pa.array(decode_nodes, pa.string()))
+    # Where each unit was decoded and written (not stored in the index: the summary reports the nodes
+    # and counts the decode tasks).
+    metas = [json.loads(m) for m in batch["meta"]]
+    table = table.append_column("decode_node", pa.array([m.get("decode_node", "") for m in metas], pa.string()))
+    table = table.append_column("decode_task", pa.array([m.get("decode_task", "") for m in metas], pa.string()))
     return table.append_column("write_node", pa.array([node_id()] * table.num_rows, pa.string()))
