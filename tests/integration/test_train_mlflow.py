@@ -37,7 +37,7 @@ def test_run_has_params_metrics_and_a_validation_video(tmp_path, mlflow_server):
     assert params["recipe"] == "debug" and float(params["optim.lr"]) == pytest.approx(1e-3)
     assert params["deepspeed.zero_optimization.stage"] == "2"
     for metric in ("train/loss", "train/lr", "train/grad_norm", "perf/samples_per_s", "perf/tokens_per_s",
-                   "perf/step_time_s", "perf/data_wait_s", "memory/peak_gb"):
+                   "perf/step_time_s", "perf/data_wait_s", "perf/data_wait_max_s", "memory/peak_gb"):
         history = client.get_metric_history(run_id, metric)
         assert [m.step for m in history] == [1, 2, 3], metric
     assert run.data.tags["checkpoint.latest_step"] == "3"

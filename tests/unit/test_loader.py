@@ -237,6 +237,14 @@ def test_one_read_per_shard_and_the_step_no_longer_waits(store, monkeypatch):
             assert max(waits[1:]) < 0.05, waits  # less than one read: only the first batch is waited for
         else:
             assert min(waits) >= 0.05, waits  # read on the step's critical path
+    # Asked once per logging interval, as the trainer does: the mean and the longest wait of the window.
+    loader = LatentLoader(dataset, batch_size=2, dp_rank=0, dp_size=1, seed=0, prefetch=0)
+    batches = iter(loader)
+    next(batches), next(batches), next(batches)
+    window = loader.perf_metrics()
+    assert 0.05 <= window["perf/data_wait_s"] <= window["perf/data_wait_max_s"], window
+    next(batches)
+    assert loader.perf_metrics()["perf/data_wait_max_s"] == loader.last_wait_s  # a new window: one batch
 
 
 def test_read_ahead_crosses_epoch_ends_with_the_same_batches(store, monkeypatch):

@@ -220,6 +220,7 @@ class LatentLoader:
         self.prefetch, self.threads = int(prefetch), int(threads)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.last_wait_s = 0.0  # seconds the consumer waited for the batch it got last
+        self._window = [0.0, 0, 0.0]  # total, batches, longest wait since perf_metrics() was last called
         self.global_batch_size = self.batch_size * self.dp_size
         self.epoch = 0
         self._consumed = 0  # samples consumed globally (all DP ranks) in self.epoch
@@ -303,20 +304,29 @@ class LatentLoader:
                 at, batch, waited = next(ahead)
                 assert at == (epoch, step), f"read-ahead at {at}, loader at {(epoch, step)}"
                 self._ahead = (ahead, (epoch, step + 1) if step + 1 < len(steps) + first else (epoch + 1, 0))
-                self.last_wait_s = waited
+                self._record_wait(waited)
                 self._consumed = (step + 1) * self.global_batch_size
                 yield batch
         else:
             for step in steps:
-                batch, self.last_wait_s = _timed(self.batch, self.plan(epoch)[step][1])
+                batch, waited = _timed(self.batch, self.plan(epoch)[step][1])
+                self._record_wait(waited)
                 self._consumed = (step + 1) * self.global_batch_size
                 yield batch
         self.epoch, self._consumed = epoch + 1, 0
 
+    def _record_wait(self, seconds: float) -> None:
+        self.last_wait_s = seconds
+        total, batches, longest = self._window
+        self._window = [total + seconds, batches + 1, max(longest, seconds)]
+
     def perf_metrics(self) -> dict[str, float]:
-        """{"perf/data_wait_s": seconds the training step waited for its batch}: what the trainer logs
-        per step (`**loader.perf_metrics()`); with prefetch it is ~0 once the queue is full."""
-        return {"perf/data_wait_s": self.last_wait_s}
+        """Seconds the training step waited for its batches since the last call (the trainer calls it
+        once per logging interval): {"perf/data_wait_s": the mean per batch, "perf/data_wait_max_s":
+        the longest}. With prefetch both are ~0 once the queue is full. Starts a new window."""
+        total, batches, longest = self._window if self._window[1] else (self.last_wait_s, 1, self.last_wait_s)
+        self._window = [0.0, 0, 0.0]
+        return {"perf/data_wait_s": total / batches, "perf/data_wait_max_s": longest}
 
     def state_dict(self) -> dict:
         epoch, consumed = self.epoch, self._consumed
