@@ -96,24 +96,31 @@ def forwarded_args(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from pipeline.generate import SampleError, SampleOptions, VideoGenerator, read_prompts, write_samples
-
     if args.sp < 1:
         print(f"pomvid sample: error: --sp {args.sp} must be at least 1", file=sys.stderr)
         return 2
     if args.sp > 1 and "RANK" not in os.environ:
         return _launch(args, forwarded_args(args))
-    dims, device = None, args.device
-    if args.sp > 1:  # one of the launcher's processes
-        from pipeline.parallel.dims import ParallelDims
-        from pipeline.train.distributed import init_distributed
+    if args.sp == 1:
+        return _sample(args, dims=None, device=args.device)
+    # One of the launcher's processes.
+    from pipeline.parallel.dims import ParallelDims
+    from pipeline.train.distributed import close_distributed, init_distributed
 
-        info = init_distributed()
+    info = init_distributed()
+    try:
         if info.world_size != args.sp:
             print(f"pomvid sample: error: --sp {args.sp} but the launcher started {info.world_size} processes",
                   file=sys.stderr)
             return 2
-        dims, device = ParallelDims(dp=1, sp=args.sp), info.device
+        return _sample(args, dims=ParallelDims(dp=1, sp=args.sp), device=info.device)
+    finally:
+        close_distributed()  # also on rank 1.., which return while rank 0 writes the videos
+
+
+def _sample(args: argparse.Namespace, *, dims, device) -> int:
+    from pipeline.generate import SampleError, SampleOptions, VideoGenerator, read_prompts, write_samples
+
     try:
         prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
         if not prompts:

@@ -78,6 +78,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def close_distributed() -> None:
+    """Destroy the process group, if any. A gloo group still alive at interpreter exit can abort the
+    process after its work is done ("terminate called without an active exception", exit -6), which a
+    launcher reports as a failed run."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     """Sum of `value` over all ranks (a new tensor; `value` is left alone)."""
     total = value.detach().clone()
