@@ -34,7 +34,7 @@ from pipeline.parallel.dims import ParallelDims
 from pipeline.parallel.loss import deepspeed_loss_factor, sequence_parallel_loss
 from pipeline.parallel.parallelize import comm_counter
 from pipeline.train import checkpoint as ckpt
-from pipeline.train.distributed import DistInfo, all_reduce_sum, barrier
+from pipeline.train.distributed import DistInfo, all_reduce_sum, barrier, close_distributed
 from pipeline.train.faults import pause_point
 from pipeline.train.inputs import MicroBatch, prepare_micro_batch
 from pipeline.train.metrics import StepMeter
@@ -319,11 +319,8 @@ class Trainer:
         barrier()
 
     def close(self, status: str = "FINISHED") -> None:
-        import torch.distributed as dist
-
         self.tracker.end(status)
         if status == "FAILED":
             return  # other ranks may be gone: no collective, the launcher tears the processes down
         barrier()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_distributed()

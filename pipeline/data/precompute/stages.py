@@ -282,8 +282,11 @@ def write_units(batch: dict, *, output: str, storage_dtype: str, bucket_keys: li
     from pipeline.data.store.index import INDEX_SCHEMA, index_table
 
     cols: dict[str, list] = {name: [] for name in INDEX_SCHEMA.names}
+    decoded_on: dict[str, list] = {"decode_node": [], "decode_task": []}
     for unit_id, meta_json, latent, text in zip(batch["unit_id"], batch["meta"], batch["latent"], batch["text"]):
         meta = json.loads(meta_json)
+        for name, values in decoded_on.items():
+            values.append(meta.get(name, ""))
         rows, lat_off, txt_off = [], 0, 0
         dim = meta.get("text_dim", 0)
         for clip in meta["clips"]:
@@ -322,7 +325,6 @@ def write_units(batch: dict, *, output: str, storage_dtype: str, bucket_keys: li
     table = table.append_column("written_at", pa.array([time.time()] * table.num_rows, pa.float64()))
     # Where each unit was decoded and written (not stored in the index: the summary reports the nodes
     # and counts the decode tasks).
-    metas = [json.loads(m) for m in batch["meta"]]
-    table = table.append_column("decode_node", pa.array([m.get("decode_node", "") for m in metas], pa.string()))
-    table = table.append_column("decode_task", pa.array([m.get("decode_task", "") for m in metas], pa.string()))
+    for name, values in decoded_on.items():
+        table = table.append_column(name, pa.array(values, pa.string()))
     return table.append_column("write_node", pa.array([node_id()] * table.num_rows, pa.string()))
