@@ -30,6 +30,7 @@ from pipeline.storage.files import (
     list_files,
     put_bytes,
     put_file,
+    put_written,
     read_bytes,
 )
 from pipeline.storage.preflight import preflight
@@ -37,5 +38,5 @@ from pipeline.storage.uri import StorageError, is_remote, join, redact, resolve
 
 __all__ = [
     "StorageError", "delete", "exists", "get_file", "is_remote", "join", "list_files", "preflight", "put_bytes",
-    "put_file", "read_bytes", "redact", "resolve",
+    "put_file", "put_written", "read_bytes", "redact", "resolve",
 ]

@@ -50,6 +50,25 @@ def put_bytes(data: bytes, uri: str | os.PathLike) -> None:
     _write(uri, len(data), lambda sink: sink.write(data))
 
 
+def put_written(uri: str | os.PathLike, write) -> None:
+    """Write what `write(file)` writes to `uri`, visible only whole: locally through a temporary file
+    in the same folder and a rename; on object storage through a local temporary file and one upload
+    (put_file), whose size is then checked (large files: Parquet shards)."""
+    filesystem, path = resolve(uri)
+    import pyarrow.fs as pafs
+
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        _write_local(Path(path), write)
+        return
+    fd, tmp = tempfile.mkstemp(prefix="pomvid-upload-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        put_file(tmp, uri)
+    finally:
+        os.unlink(tmp)
+
+
 def _copy(source, sink) -> None:
     while chunk := source.read(CHUNK):
         sink.write(chunk)
@@ -79,7 +98,8 @@ def _write(uri: str | os.PathLike, size: int, fill) -> None:
 
 def _write_local(path: Path, fill) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    # ".tmp": what a killed writer leaves is found by that suffix (pipeline/data/store/index.py list_output).
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as sink:
             fill(sink)
@@ -89,6 +109,21 @@ def _write_local(path: Path, fill) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename is durable only once the folder's entry is on disk too.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_bytes(uri: str | os.PathLike) -> bytes:

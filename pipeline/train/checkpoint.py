@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import storage
+
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 DS_TAG = "deepspeed"
@@ -53,24 +55,9 @@ def is_complete(path: Path) -> bool:
     return (Path(path) / COMPLETE).is_file()
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file, fsync and rename: readers see old or new."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    storage.put_bytes(text.encode(), Path(path))
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:

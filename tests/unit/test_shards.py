@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipeline import storage
 from pipeline.data.store import index as I  # noqa: E741 - I for index, like S for shards
 from pipeline.data.store import shards as S
 from tests.latent_store import make_latent_output
@@ -81,7 +82,7 @@ def test_atomic_write_keeps_old_file_and_leaves_no_temporary(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        S._atomic_write(path, fails)
+        storage.put_written(path, fails)
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 

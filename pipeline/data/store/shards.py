@@ -19,10 +19,7 @@ own Parquet row group, so a reader fetches one sample without decoding its neigh
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,59 +173,17 @@ def shard_table(rows: list[ShardRow], *, storage_dtype: str, metadata: dict) -> 
     return pa.Table.from_pydict(columns, schema=schema)
 
 
-def _fsync_dir(folder: Path) -> None:
-    # The rename is durable only once the folder's entry is on disk too.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def location(root: str | Path, relative: str) -> str | Path:
     """`relative` inside the output `root`: a Path for a local folder, a URI string for object storage
     (a Path would fold "s3://" into "s3:/")."""
     return storage.join(root, relative) if storage.is_remote(root) else Path(root) / relative
 
 
-def _atomic_write(path: str | Path, write) -> None:
-    """Write through `write(file)` to a temporary name in the same folder, fsync, then os.replace.
-    On object storage: to a local temporary file, then one whole upload (storage.put_file), so a
-    reader never sees part of it."""
-    if storage.is_remote(path):
-        fd, tmp = tempfile.mkstemp(prefix="pomvid-upload-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-            storage.put_file(tmp, path)
-        finally:
-            os.unlink(tmp)
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def write_shard(path: str | Path, table: pa.Table) -> None:
     """Write one shard atomically: one row group per row, blobs uncompressed and without statistics."""
     small = [name for name in table.schema.names if name not in _BLOB_COLUMNS]
     compression = {name: ("none" if name in _BLOB_COLUMNS else "snappy") for name in table.schema.names}
-    _atomic_write(
+    storage.put_written(
         path,
         lambda f: pq.write_table(table, f, row_group_size=1, compression=compression, write_statistics=small),
     )
@@ -236,12 +191,12 @@ def write_shard(path: str | Path, table: pa.Table) -> None:
 
 def write_json_atomic(path: str | Path, obj) -> None:
     text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    storage.put_bytes(text.encode(), path)
 
 
 def write_jsonl_atomic(path: str | Path, records: list[dict]) -> None:
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    storage.put_bytes(text.encode(), path)
 
 
 def relative_shard_file(unit_id: str) -> str:
